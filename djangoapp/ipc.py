@@ -1,0 +1,167 @@
+"""A small blocking AMP client for Django processes to talk to hpcd.
+
+Django views are synchronous and must not run a reactor, so this speaks
+AMP over a plain Unix socket, reusing Twisted's own ``Command`` classes to
+build and parse boxes.  One connection per thread, opened on first use and
+reopened once after an hpcd restart.  Errors hpcd reports arrive as the
+exception classes in :mod:`hpcd.commands`; an unreachable or silent hpcd
+raises :class:`HpcdUnavailable`.
+"""
+
+import itertools
+import socket
+import struct
+import threading
+
+from twisted.protocols import amp
+
+from djangoapp.conf import hpc_settings
+from hpcd.commands import ERROR_CLASSES, HpcdError
+
+__all__ = ["call", "open_stream", "HpcdUnavailable", "HpcdError"]
+
+
+class HpcdUnavailable(HpcdError):
+    """hpcd is not running, or did not answer in time."""
+
+
+_local = threading.local()
+_tags = itertools.count(1)
+
+
+class _Connection:
+    def __init__(self, path, timeout):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise HpcdUnavailable(
+                f"cannot reach hpcd at {path} ({e.strerror or e}); is `twistd hpcd` running "
+                "with the same HPC_IPC_UNIX_SOCKET?") from None
+        self._buffer = bytearray()
+
+    def close(self):
+        self.sock.close()
+
+    def send_box(self, box):
+        self.sock.sendall(box.serialize())
+
+    def _read_exact(self, n):
+        while len(self._buffer) < n:
+            chunk = self.sock.recv(max(65536, n - len(self._buffer)))
+            if not chunk:
+                raise ConnectionResetError("hpcd closed the connection")
+            self._buffer += chunk
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    def read_box(self):
+        box = amp.AmpBox()
+        while True:
+            (length,) = struct.unpack("!H", self._read_exact(2))
+            if length == 0:
+                return box
+            key = self._read_exact(length)
+            (length,) = struct.unpack("!H", self._read_exact(2))
+            box[key] = self._read_exact(length)
+
+    def read_raw(self, limit):
+        """Up to ``limit`` bytes of the raw stream after a protocol switch."""
+        if self._buffer:
+            data = bytes(self._buffer[:limit])
+            del self._buffer[:limit]
+            return data
+        return self.sock.recv(limit)
+
+
+def _ask(connection, command, arguments):
+    box = command.makeArguments(arguments, None)
+    tag = str(next(_tags)).encode()
+    box[b"_command"] = command.commandName
+    box[b"_ask"] = tag
+    connection.send_box(box)
+    answer = connection.read_box()
+    if b"_error" in answer:
+        code = answer.get(b"_error_code", b"UNKNOWN")
+        text = answer.get(b"_error_description", b"").decode("utf-8", "replace")
+        raise ERROR_CLASSES.get(code, HpcdError)(text or code.decode("ascii", "replace"))
+    return command.parseResponse(answer, None)
+
+
+def _timeout():
+    return float(hpc_settings.HPC_IPC_TIMEOUT)
+
+
+def call(command, **arguments):
+    """Send one command and return its response as a dict.
+
+    A dead cached connection (hpcd restarted) is replaced once.  A command
+    whose answer was lost mid-way is not repeated: it may have been acted on.
+    """
+    path = hpc_settings.HPC_IPC_UNIX_SOCKET
+    connection = getattr(_local, "connection", None)
+    if connection is not None and getattr(_local, "path", None) != path:
+        connection.close()
+        connection = None
+    for attempt in (1, 2):
+        if connection is None:
+            connection = _Connection(path, _timeout())
+            _local.connection, _local.path = connection, path
+        try:
+            return _ask(connection, command, arguments)
+        except HpcdError:
+            raise
+        except (BrokenPipeError, ConnectionResetError) as e:
+            connection.close()
+            _local.connection = connection = None
+            # Sending into a connection hpcd closed before (it restarted)
+            # fails before anything was acted on: try once more, fresh.
+            if attempt == 2:
+                raise HpcdUnavailable(f"hpcd closed the connection: {e}") from None
+        except socket.timeout:
+            connection.close()
+            _local.connection = None
+            raise HpcdUnavailable(f"hpcd did not answer within {_timeout():.0f} s") from None
+        except OSError as e:
+            connection.close()
+            _local.connection = None
+            raise HpcdUnavailable(f"talking to hpcd failed: {e}") from None
+
+
+def open_stream(command, **arguments):
+    """Send a protocol-switching command on a connection of its own.
+
+    Returns ``(response, chunks)`` where ``chunks`` yields the raw bytes that
+    follow (exactly ``response["size"]`` of them) and raises
+    :class:`HpcdError` if the stream ends early.
+    """
+    connection = _Connection(hpc_settings.HPC_IPC_UNIX_SOCKET, _timeout())
+    try:
+        response = _ask(connection, command, arguments)
+    except HpcdError:
+        connection.close()
+        raise
+    except OSError as e:
+        connection.close()
+        raise HpcdUnavailable(f"talking to hpcd failed: {e}") from None
+    chunk_size = int(hpc_settings.HPC_FILE_CONNECTION_CHUNK_SIZE)
+
+    def chunks():
+        remaining = response["size"]
+        try:
+            while remaining > 0:
+                try:
+                    data = connection.read_raw(min(chunk_size, remaining))
+                except (socket.timeout, OSError) as e:
+                    raise HpcdError(f"file transfer failed: {e}") from None
+                if not data:
+                    raise HpcdError(f"file transfer ended {remaining} bytes early")
+                remaining -= len(data)
+                yield data
+        finally:
+            connection.close()
+
+    return response, chunks()

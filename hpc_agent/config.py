@@ -1,0 +1,112 @@
+"""The agent's settings: ``settings.py`` in the agent directory.
+
+The agent never imports Django; its settings are a plain Python file whose
+upper-case names override the defaults below.  ``python -m hpc_agent init
+DIR`` writes a commented one.
+"""
+
+import importlib
+import os
+import runpy
+
+DEFAULTS = {
+    # Where the agent writes its log files (relative to the agent directory).
+    "HPC_LOG_DIRECTORY": "log",
+    # The hpcd websocket URL as seen from this cluster (ws://host:port or
+    # wss://host:port, no path).  None: use the address hpcd gives at launch.
+    "HPC_WEBSOCKET_SERVER": None,
+    # Dotted path of the scheduler class (a subclass of
+    # hpc_agent.schedulers.base.Scheduler).
+    "HPC_SCHEDULER_CLASS": "hpc_agent.schedulers.local.Local",
+    # Jobs run in HPC_JOB_WORKING_DIRECTORY/<job id>/.
+    "HPC_JOB_WORKING_DIRECTORY": "/tmp/jobs",
+    # Roots outside a job's directory that files may be listed and fetched
+    # from when no job is named (HpcCluster.fetch_remote_file with ui_id=None).
+    # Empty: only inside HPC_JOB_WORKING_DIRECTORY.
+    "HPC_ALLOWED_FILE_ROOTS": [],
+    # The agent's durable state (jobs and unacknowledged updates), SQLite.
+    "HPC_STATE_FILE": "state.sqlite3",
+    # Seconds the agent keeps trying to reconnect (with its resume token)
+    # after losing hpcd, before it exits and leaves the relaunch to hpcd.
+    "HPC_RECONNECT_SECONDS": 600,
+    # A CA bundle to verify hpcd's TLS certificate with (wss:// only).
+    # None: the system's trust store.
+    "HPC_TLS_CA_FILE": None,
+    # Bytes per binary frame when sending a file.
+    "HPC_FILE_CHUNK_SIZE": 1024 * 1024,
+    # Most scheduler commands (submit, poll, cancel) per minute: sites
+    # throttle users who hammer their scheduler.
+    "HPC_SCHEDULER_COMMANDS_PER_MINUTE": 120,
+}
+
+
+class AgentSettings:
+    """Attribute access to the defaults, overridden by a settings file."""
+
+    def __init__(self, base_dir, overrides=None):
+        self.BASE_DIR = os.path.abspath(base_dir)
+        for name, value in DEFAULTS.items():
+            setattr(self, name, value)
+        for name, value in (overrides or {}).items():
+            if name.isupper():
+                setattr(self, name, value)
+        # Relative paths are taken from the agent directory, once, here.
+        for name in ("HPC_LOG_DIRECTORY", "HPC_JOB_WORKING_DIRECTORY", "HPC_STATE_FILE"):
+            setattr(self, name, self.path(getattr(self, name)))
+        self.HPC_ALLOWED_FILE_ROOTS = [self.path(p) for p in self.HPC_ALLOWED_FILE_ROOTS]
+
+    @classmethod
+    def load(cls, base_dir):
+        """Read ``base_dir/settings.py`` (missing file: all defaults)."""
+        path = os.path.join(base_dir, "settings.py")
+        overrides = runpy.run_path(path) if os.path.exists(path) else {}
+        return cls(base_dir, overrides)
+
+    def path(self, value):
+        """A settings path, relative ones taken from the agent directory."""
+        return os.path.join(self.BASE_DIR, os.path.expanduser(value))
+
+    def scheduler_class(self):
+        module_name, _, class_name = self.HPC_SCHEDULER_CLASS.rpartition(".")
+        return getattr(importlib.import_module(module_name), class_name)
+
+
+TEMPLATE = '''\
+"""Settings of the hpc-job-controller agent in this directory.
+
+hpcd starts the agent here as ``venv/bin/python -m hpc_agent``; upper-case
+names in this file override the defaults.  Paths may be relative to this
+directory.
+"""
+
+# Where the agent writes its log files.
+HPC_LOG_DIRECTORY = "log"
+
+# The hpcd websocket URL as this cluster reaches it (ws://host:port or
+# wss://host:port, no trailing slash).  None: the address hpcd gives at launch.
+HPC_WEBSOCKET_SERVER = None
+
+# The scheduler class: hpc_agent.schedulers.local.Local (processes on this
+# host), .slurm.Slurm, .sge.SGE or .pbs.PBS, or a subclass of your own
+# (put it next to this file and name it here).
+HPC_SCHEDULER_CLASS = "hpc_agent.schedulers.local.Local"
+
+# Each job runs in HPC_JOB_WORKING_DIRECTORY/<job id>/.  On a cluster this
+# must be on a file system the compute nodes share.
+HPC_JOB_WORKING_DIRECTORY = "jobs"
+
+# Extra roots that files may be fetched from when no job is named.
+# HPC_ALLOWED_FILE_ROOTS = ["/scratch/shared-results"]
+
+# The agent's own state (SQLite).  Keep it on a local disk if you can.
+# HPC_STATE_FILE = "state.sqlite3"
+
+# Seconds to keep reconnecting to hpcd after a drop before exiting.
+# HPC_RECONNECT_SECONDS = 600
+
+# CA bundle for verifying hpcd's certificate when the URL is wss://.
+# HPC_TLS_CA_FILE = None
+
+# Most scheduler commands per minute (polls, submits, cancels together).
+# HPC_SCHEDULER_COMMANDS_PER_MINUTE = 120
+'''

@@ -1,0 +1,207 @@
+"""The wire protocol between the agent and hpcd.
+
+Control connection: ``ws(s)://SERVER/agent``, one JSON object per text frame.
+The agent authenticates in the opening handshake with
+``Authorization: Bearer <token>`` (a single-use launch token, or the resume
+token hpcd gave it on its previous connection).  Every frame has a ``type``;
+a request carries an ``id`` (an integer unique per connection) and is answered
+by exactly one ``reply`` with the same id.
+
+agent -> hpcd
+  hello       protocol:int agent_version:str scheduler:str hostname:str nvx:bool
+              First frame.  hpcd answers ``welcome`` or closes (protocol mismatch).
+  update      seq:int job:int status:int detail:str at:float scheduler_id:str|null
+              A job's state changed.  Written to the agent's durable outbox
+              first, re-sent after every reconnect until hpcd acknowledges it.
+  reply       id:int ok:bool [result:object] [error:str message:str]
+              The answer to one of hpcd's requests.
+  error       code:str message:str
+              A frame from hpcd could not be understood; nothing was done.
+
+hpcd -> agent
+  welcome     protocol:int cluster:str resume_token:str
+              The connection is accepted; ``resume_token`` replaces the
+              previous one and lets the agent reconnect after a drop.
+  ack         seqs:[int]
+              These updates are stored (or knowingly refused): forget them.
+  submit      id job:int parameters:object
+              -> result {scheduler_id:str|null, status:int}.  Idempotent: a
+              job the agent knows is answered from its records.
+  cancel      id job:int                  -> result {status:int}
+  delete      id job:int                  -> result {status:int}
+  list_files  id job:int|null path:str recursive:bool
+              -> result {files: [[path:str, is_dir:bool, size:int], ...]}
+  fetch_file  id job:int|null path:str token:str
+              -> result {size:int}; the agent then opens a transfer
+              connection with ``token`` (below).
+  error       code:str message:str
+
+Transfer connection: ``ws(s)://SERVER/file``, one per file, authenticated
+with the single-use token from ``fetch_file``.
+  agent -> hpcd  file_header  size:int name:str   (text)
+                 <binary frames: the bytes>
+                 file_end     size:int sha256:str (text)
+                 file_error   message:str         (text; the transfer failed)
+  hpcd -> agent  file_done    size:int            (text; all bytes arrived)
+The agent closes only after ``file_done``: closing with data still buffered
+loses it (Autobahn's close handshake times out after a second).
+
+Malformed input (not JSON, not an object, unknown type, missing or mistyped
+field, oversize) raises :class:`ProtocolError`; the receiver answers with an
+``error`` frame (or an error ``reply`` when the request id was readable) and
+carries on.  Nothing in this module raises anything else on bad input.
+"""
+
+import json
+import math
+
+PROTOCOL_VERSION = 1
+
+#: Websocket close codes hpcd uses (4000-4999 belong to the application).
+CLOSE_SUPERSEDED = 4001  # another agent now serves this cluster: exit
+CLOSE_SHUTDOWN = 4002  # the cluster was removed or disabled: exit
+CLOSE_PROTOCOL = 4003  # hpcd does not speak the agent's protocol version: exit
+
+#: Largest control frame either side accepts.  Generous: a recursive file
+#: list of a big job directory is the largest message.
+MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """A frame that does not follow this protocol.
+
+    ``request_id`` is set when the frame was a request whose id could be
+    read, so the error can be answered as that request's reply.
+    """
+
+    def __init__(self, code, message, request_id=None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+# Field kinds -----------------------------------------------------------------
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _is_file_entry(v):
+    return (isinstance(v, list) and len(v) == 3 and isinstance(v[0], str)
+            and isinstance(v[1], bool) and _is_int(v[2]) and v[2] >= 0)
+
+
+INT = ("an integer", _is_int)
+STR = ("a string", lambda v: isinstance(v, str))
+BOOL = ("a boolean", lambda v: isinstance(v, bool))
+NUMBER = ("a number", _is_number)
+OBJECT = ("an object", lambda v: isinstance(v, dict))
+ANY = ("any JSON value", lambda v: True)
+OPT_INT = ("an integer or null", lambda v: v is None or _is_int(v))
+OPT_STR = ("a string or null", lambda v: v is None or isinstance(v, str))
+INT_LIST = ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(i) for i in v))
+FILE_LIST = ("a list of [path, is_dir, size]",
+             lambda v: isinstance(v, list) and all(_is_file_entry(e) for e in v))
+
+# type -> ({required field: kind}, {optional field: kind}, is_request)
+SCHEMA = {
+    "hello": ({"protocol": INT, "agent_version": STR, "scheduler": STR,
+               "hostname": STR, "nvx": BOOL}, {}, False),
+    "update": ({"seq": INT, "job": INT, "status": INT, "detail": STR, "at": NUMBER,
+                "scheduler_id": OPT_STR}, {}, False),
+    "reply": ({"id": INT, "ok": BOOL}, {"result": ANY, "error": STR, "message": STR}, False),
+    "error": ({"code": STR, "message": STR}, {}, False),
+    "welcome": ({"protocol": INT, "cluster": STR, "resume_token": STR}, {}, False),
+    "ack": ({"seqs": INT_LIST}, {}, False),
+    "submit": ({"job": INT, "parameters": ANY}, {}, True),
+    "cancel": ({"job": INT}, {}, True),
+    "delete": ({"job": INT}, {}, True),
+    "list_files": ({"job": OPT_INT, "path": STR, "recursive": BOOL}, {}, True),
+    "fetch_file": ({"job": OPT_INT, "path": STR, "token": STR}, {}, True),
+    "file_header": ({"size": INT, "name": STR}, {}, False),
+    "file_end": ({"size": INT, "sha256": STR}, {}, False),
+    "file_error": ({"message": STR}, {}, False),
+    "file_done": ({"size": INT}, {}, False),
+}
+
+#: Which side may send what; a receiver refuses the other side's types.
+FROM_AGENT = frozenset({"hello", "update", "reply", "error", "file_header",
+                        "file_end", "file_error"})
+FROM_HPCD = frozenset({"welcome", "ack", "submit", "cancel", "delete", "list_files",
+                       "fetch_file", "error", "reply", "file_done"})
+
+
+def _check(message, accept):
+    """Validate a decoded frame; return it, or raise ProtocolError."""
+    if not isinstance(message, dict):
+        raise ProtocolError("bad_frame", "a frame must be a JSON object")
+    mtype = message.get("type")
+    # An error is answered as a reply only to something that was (or may be,
+    # from a newer peer) a request; answering a reply with a reply would loop.
+    request_id = message.get("id") if _is_int(message.get("id")) else None
+    if not isinstance(mtype, str):
+        raise ProtocolError("bad_frame", "the frame has no 'type' string")
+    if mtype not in SCHEMA or (accept is not None and mtype not in accept):
+        if mtype in SCHEMA and not SCHEMA[mtype][2]:
+            request_id = None
+        raise ProtocolError("unknown_type", f"unexpected message type {mtype[:64]!r}",
+                            request_id)
+    required, optional, is_request = SCHEMA[mtype]
+    if not is_request:
+        request_id = None
+    if is_request and request_id is None:
+        raise ProtocolError("bad_field", f"{mtype!r} needs an integer 'id'")
+    for name, (what, ok) in required.items():
+        if name not in message:
+            raise ProtocolError("bad_field", f"{mtype!r} lacks field {name!r}", request_id)
+        if not ok(message[name]):
+            raise ProtocolError("bad_field", f"{mtype!r} field {name!r} must be {what}",
+                                request_id)
+    for name, (what, ok) in optional.items():
+        if name in message and not ok(message[name]):
+            raise ProtocolError("bad_field", f"{mtype!r} field {name!r} must be {what}",
+                                request_id)
+    return message
+
+
+def decode(payload, accept=None, max_size=MAX_CONTROL_MESSAGE):
+    """Parse one text frame (bytes or str) into a validated dict.
+
+    ``accept`` limits the types this receiver takes (``FROM_AGENT`` on hpcd,
+    ``FROM_HPCD`` on the agent).  Raises :class:`ProtocolError` on anything
+    malformed, and only that.
+    """
+    if len(payload) > max_size:
+        raise ProtocolError("too_large", f"frame of {len(payload)} bytes exceeds {max_size}")
+    try:
+        if isinstance(payload, (bytes, bytearray)):
+            payload = bytes(payload).decode("utf-8")
+        message = json.loads(payload, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError("bad_frame", f"not valid UTF-8 JSON: {str(e)[:200]}") from None
+    return _check(message, accept)
+
+
+def _refuse_constant(name):
+    # NaN and Infinity are not JSON; Python's parser accepts them by default.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def encode(mtype, **fields):
+    """Build one frame as UTF-8 bytes, validating it like a receiver would."""
+    message = {"type": mtype, **fields}
+    _check(message, None)
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def error_frame(error):
+    """The frame that answers a :class:`ProtocolError`."""
+    if error.request_id is not None:
+        return encode("reply", id=error.request_id, ok=False, error=error.code,
+                      message=error.message)
+    return encode("error", code=error.code, message=error.message)

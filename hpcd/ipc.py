@@ -1,0 +1,99 @@
+"""The AMP server Django processes talk to (the commands: :mod:`hpcd.commands`).
+
+Each responder turns an agent's failure into the error class Django sees,
+so a view can tell an offline cluster from a refused path.  AMP buffers a
+cut-off box until the rest arrives and closes the connection on a malformed
+one; a client that vanishes mid-request costs nothing.
+"""
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from hpc_agent import wire
+from hpcd import commands
+from hpcd.commands import AgentError, HpcdError, NotFound, PathRefused
+
+log = Logger()
+
+
+def _errors_as_hpcd_errors(f):
+    """Unexpected exceptions become HpcdError: AMP would otherwise close the
+    connection and say only "Unknown Error"."""
+
+    def wrapper(self, **kwargs):
+        d = defer.maybeDeferred(f, self, **kwargs)
+
+        def translate(failure):
+            if failure.check(AgentError) and failure.value.code == "path_refused":
+                raise PathRefused(str(failure.value))
+            if failure.check(HpcdError):
+                return failure
+            log.failure("{command} failed", failure, command=f.__name__)
+            raise HpcdError(f"hpcd failed: {failure.getErrorMessage()}")
+
+        return d.addErrback(translate)
+
+    wrapper.__name__ = f.__name__
+    return wrapper
+
+
+class ControlProtocol(amp.AMP):
+    def __init__(self, daemon):
+        super().__init__()
+        self.daemon = daemon
+
+    @commands.IsClusterOnline.responder
+    def is_cluster_online(self, cluster_id):
+        session = self.daemon.clusters.session(cluster_id)
+        return {"token_id": session.token_id if session is not None else 0}
+
+    @commands.TryConnect.responder
+    @_errors_as_hpcd_errors
+    def try_connect(self, cluster_id, force):
+        return self.daemon.clusters.try_connect(cluster_id, force).addCallback(lambda _: {})
+
+    @commands.Dispatch.responder
+    def dispatch(self, job_id):
+        # Answer at once; the work happens in the background.
+        self.daemon.dispatcher.notify(job_id)
+        return {}
+
+    @commands.ListFiles.responder
+    @_errors_as_hpcd_errors
+    @defer.inlineCallbacks
+    def list_files(self, cluster_id, job_id, path, recursive):
+        session = self.daemon.clusters.require_session(cluster_id)
+        result = yield session.request("list_files", job=job_id, path=path,
+                                       recursive=recursive)
+        return {"files": result["files"]}
+
+    @commands.FetchFile.responder
+    @_errors_as_hpcd_errors
+    @defer.inlineCallbacks
+    def fetch_file(self, cluster_id, job_id, path):
+        session = self.daemon.clusters.require_session(cluster_id)
+        size, name, sink = yield self.daemon.transfers.fetch(session, job_id, path)
+        return {"size": size, "name": name, "protocol": sink}
+
+    @commands.SendMessage.responder
+    @_errors_as_hpcd_errors
+    @defer.inlineCallbacks
+    def send_message(self, token_id, message):
+        cluster_id = yield self.daemon.store.token_cluster(token_id)
+        session = self.daemon.clusters.session(cluster_id) if cluster_id else None
+        if session is None or session.token_id != token_id:
+            raise NotFound(f"token {token_id} has no live connection")
+        try:
+            session.send_message(message)
+        except wire.ProtocolError as e:
+            raise HpcdError(f"not a valid wire message: {e.message}") from None
+        return {}
+
+
+class ControlFactory(protocol.Factory):
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def buildProtocol(self, addr):
+        return ControlProtocol(self.daemon)

@@ -1,0 +1,158 @@
+"""``twistd hpcd``: the options and the service tree.
+
+``makeService`` sets Django up from ``--settings`` (or
+``DJANGO_SETTINGS_MODULE``) and returns the :class:`Daemon`, a
+``MultiService`` whose start order matters: the database pool first, then
+the two listeners (the agents' websocket and Django's Unix socket), and only
+once both listen the cluster manager and dispatcher, which hand agents the
+listener's real address.  It then tells systemd (or a test) it is ready by
+sending ``READY=1`` to ``$NOTIFY_SOCKET``.
+"""
+
+import os
+import socket
+import sys
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--settings MODULE] [--pythonpath DIR]"
+    longdesc = ("Runs the hpc-job-controller daemon: the websocket server for cluster "
+                "agents, the Unix socket Django talks to, and the agents' launcher.")
+    optParameters = [
+        ["settings", "s", None,
+         "Django settings module (default: $DJANGO_SETTINGS_MODULE)."],
+        ["pythonpath", None, None,
+         "A directory to put first on sys.path (your Django project's)."],
+    ]
+
+
+def setup_django(options):
+    if options["pythonpath"]:
+        sys.path.insert(0, os.path.abspath(options["pythonpath"]))
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if options["settings"]:
+        os.environ["DJANGO_SETTINGS_MODULE"] = options["settings"]
+    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        raise usage.UsageError("name the Django settings with --settings or "
+                               "DJANGO_SETTINGS_MODULE")
+    import django
+
+    django.setup()
+
+
+def makeService(options):
+    setup_django(options)
+    from twisted.internet import reactor
+
+    from djangoapp.conf import hpc_settings
+
+    return Daemon(reactor, hpc_settings)
+
+
+def notify_ready():
+    """``READY=1`` to systemd's notification socket, if there is one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(address)
+        s.sendall(b"READY=1")
+
+
+class Daemon(service.MultiService):
+    """hpcd: every long-lived part, and what they share."""
+
+    def __init__(self, reactor, settings):
+        super().__init__()
+        from hpcd.agents import server_factory
+        from hpcd.clusters import ClusterManager
+        from hpcd.dispatch import Dispatcher
+        from hpcd.ipc import ControlFactory
+        from hpcd.launch import LocalLauncher
+        from hpcd.store import Store
+        from hpcd.transfers import Transfers
+
+        self.reactor = reactor
+        self.settings = settings
+        self.public_url = None
+        self.store = Store(reactor, int(settings.HPC_DB_THREADS))
+        self.store.setServiceParent(self)
+        self.clusters = ClusterManager(reactor, self.store, LocalLauncher(reactor), settings,
+                                       lambda: self.public_url)
+        self.dispatcher = Dispatcher(reactor, self.store, self.clusters,
+                                     float(settings.HPC_DISPATCH_SCAN_SECONDS))
+        self.clusters.on_online = lambda cluster_id: self.dispatcher.scan()
+        self.transfers = Transfers(self)
+        self._server_factory = server_factory
+        self._control_factory = ControlFactory(self)
+        self._ports = []
+
+    def _websocket_endpoint(self):
+        s = self.settings
+        if s.HPC_WEBSOCKET_ENDPOINT:
+            return endpoints.serverFromString(self.reactor, s.HPC_WEBSOCKET_ENDPOINT)
+        interface = s.HPC_WEBSOCKET_INTERFACE
+        kind = endpoints.TCP6ServerEndpoint if ":" in interface else endpoints.TCP4ServerEndpoint
+        return kind(self.reactor, int(s.HPC_WEBSOCKET_PORT), interface=interface)
+
+    def _public_url(self, port):
+        s = self.settings
+        if s.HPC_WEBSOCKET_PUBLIC_URL:
+            return s.HPC_WEBSOCKET_PUBLIC_URL.rstrip("/")
+        host = s.HPC_WEBSOCKET_INTERFACE
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.getfqdn()
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{port.getHost().port}"
+
+    @defer.inlineCallbacks
+    def _listen(self):
+        ws_port = yield self._websocket_endpoint().listen(
+            self._server_factory(self, "ws://localhost"))
+        self._ports.append(ws_port)
+        self.public_url = self._public_url(ws_port)
+        path = self.settings.HPC_IPC_UNIX_SOCKET
+        # Owner-only from the first moment: chmod after bind leaves a window.
+        old_umask = os.umask(0o077)
+        try:
+            unix_port = yield endpoints.UNIXServerEndpoint(
+                self.reactor, path, mode=0o600, wantPID=True).listen(self._control_factory)
+        finally:
+            os.umask(old_umask)
+        self._ports.append(unix_port)
+        log.info("hpcd listening: agents at {url}, Django at {path}", url=self.public_url,
+                 path=path)
+        self.clusters.startService()
+        self.dispatcher.startService()
+        notify_ready()
+
+    def startService(self):
+        super().startService()
+        d = self._listen()
+        d.addErrback(self._failed_to_start)
+
+    def _failed_to_start(self, failure):
+        log.failure("hpcd could not start", failure)
+        self.reactor.stop()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        for port in self._ports:
+            yield port.stopListening()
+        self._ports = []
+        if self.dispatcher.running:
+            self.dispatcher.stopService()
+        if self.clusters.running:
+            self.clusters.stopService()
+        yield super().stopService()

@@ -1,0 +1,183 @@
+"""Every database access hpcd makes, on a thread pool of its own.
+
+The reactor thread never touches the ORM (on the default reactor an ORM
+call there does not fail, it silently blocks everything).  Functions named
+``*_thd`` run on the pool; the :class:`Store` methods without the suffix
+return Deferreds.  Each call closes stale connections before and after, and
+hands back plain values, never querysets or model instances.
+"""
+
+from datetime import timedelta
+
+from django.db import close_old_connections, transaction
+from django.utils import timezone
+from twisted.application import service
+from twisted.internet import threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from djangoapp import transitions
+from djangoapp.models import HpcCluster, HpcJob, WebsocketToken, get_job_model
+from hpc_agent.status import NEEDS_DISPATCH, JobStatus
+
+log = Logger()
+
+
+def _cluster_dict(c):
+    return {"id": c.id, "host_name": c.host_name, "client_path": c.client_path,
+            "enabled": c.enabled}
+
+
+# -- clusters ------------------------------------------------------------------
+
+def clusters_thd():
+    return [_cluster_dict(c) for c in HpcCluster.objects.all()]
+
+
+def cluster_thd(cluster_id):
+    c = HpcCluster.objects.filter(pk=cluster_id).first()
+    return _cluster_dict(c) if c else None
+
+
+def mark_all_offline_thd():
+    """At start: nothing is connected to a daemon that just started."""
+    HpcCluster.objects.filter(online=True).update(online=False, connected_since=None)
+
+
+def set_cluster_state_thd(cluster_id, online, detail):
+    HpcCluster.objects.filter(pk=cluster_id).update(
+        online=online, status_detail=detail,
+        connected_since=timezone.now() if online else None)
+
+
+def set_cluster_detail_thd(cluster_id, detail):
+    HpcCluster.objects.filter(pk=cluster_id).update(status_detail=detail)
+
+
+# -- tokens ----------------------------------------------------------------------
+
+def issue_token_thd(cluster_id, purpose, ttl):
+    """A new token; returns ``(token_id, secret)``.  A new resume token
+    revokes the cluster's older unused ones: only the latest resumes."""
+    with transaction.atomic():
+        if purpose == "resume":
+            WebsocketToken.objects.filter(cluster_id=cluster_id, purpose="resume",
+                                          used_at__isnull=True).update(used_at=timezone.now())
+        row, secret = WebsocketToken.objects.issue(cluster_id, purpose, ttl)
+    return row.pk, secret
+
+
+def claim_token_thd(secret, purposes):
+    """``{"token_id", "cluster_id", "purpose"}`` for a valid token, spending it."""
+    row = WebsocketToken.objects.claim(secret, purposes)
+    if row is None:
+        return None
+    return {"token_id": row.pk, "cluster_id": row.cluster_id, "purpose": row.purpose}
+
+
+def token_cluster_thd(token_id):
+    return WebsocketToken.objects.filter(pk=token_id).values_list(
+        "cluster_id", flat=True).first()
+
+
+def purge_tokens_thd(older_than_seconds=86400):
+    """Forget spent or expired tokens after a day (they prove nothing more)."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
+    WebsocketToken.objects.filter(created__lt=cutoff).exclude(
+        purpose="resume", used_at__isnull=True).delete()
+
+
+# -- jobs ------------------------------------------------------------------------
+
+def _assign_clusters_thd(job_ids):
+    """PENDING jobs without a cluster get one from the job class's own
+    choose_cluster(), now that some cluster may be online."""
+    model = get_job_model()
+    for job in model.objects.filter(pk__in=job_ids, cluster__isnull=True,
+                                    job_status=JobStatus.PENDING):
+        cluster = job.choose_cluster(job.job_parameters)
+        if cluster is not None:
+            HpcJob.objects.filter(pk=job.pk, cluster__isnull=True).update(cluster=cluster)
+
+
+def work_thd(job_id=None):
+    """Jobs hpcd owes a message to: ``[{"job", "status", "cluster_id", "parameters"}]``."""
+    jobs = HpcJob.objects.filter(job_status__in=[int(s) for s in NEEDS_DISPATCH])
+    if job_id is not None:
+        jobs = jobs.filter(pk=job_id)
+    orphans = list(jobs.filter(cluster__isnull=True).values_list("pk", flat=True))
+    if orphans:
+        _assign_clusters_thd(orphans)
+    return [{"job": pk, "status": JobStatus(status), "cluster_id": cluster_id,
+             "parameters": parameters}
+            for pk, status, cluster_id, parameters in jobs.exclude(cluster__isnull=True)
+            .order_by("pk").values_list("pk", "job_status", "cluster_id", "job_parameters")]
+
+
+def transition_thd(job_id, new, detail=""):
+    applied, _ = transitions.apply(job_id, new, "hpcd", detail)
+    return applied
+
+
+def apply_updates_thd(cluster_id, updates):
+    """Apply an agent's updates in one transaction; returns the seqs to ack.
+
+    Idempotent: a replayed or stale update is refused by the transition
+    table and acknowledged all the same, so the agent stops resending it.
+    An update about a job of another cluster is refused and logged: an
+    agent speaks only for its own cluster.
+    """
+    owners = dict(HpcJob.objects.filter(pk__in={u["job"] for u in updates})
+                  .values_list("pk", "cluster_id"))
+    acked = []
+    with transaction.atomic():
+        for u in updates:
+            if owners.get(u["job"]) != cluster_id:
+                log.warn("cluster {cluster} reported on job {job}, which is not its own; "
+                         "ignored", cluster=cluster_id, job=u["job"])
+            else:
+                try:
+                    status = JobStatus(u["status"])
+                except ValueError:
+                    log.warn("job {job}: unknown status {status} ignored", job=u["job"],
+                             status=u["status"])
+                else:
+                    extra = {"remote_job_id": u["scheduler_id"]} if u["scheduler_id"] else None
+                    transitions.apply(u["job"], status, "agent", u["detail"], extra=extra)
+            acked.append(u["seq"])
+    return acked
+
+
+class Store(service.Service):
+    """Runs the ``*_thd`` functions on hpcd's database thread pool."""
+
+    name = "store"
+
+    def __init__(self, reactor, threads_count):
+        self._reactor = reactor
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads_count, name="hpcd-db")
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+    def run(self, f, *args, **kwargs):
+        def call():
+            close_old_connections()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                close_old_connections()
+
+        return threads.deferToThreadPool(self._reactor, self.pool, call)
+
+    def __getattr__(self, name):
+        # store.work(...) runs work_thd(...) on the pool.
+        f = globals().get(f"{name}_thd")
+        if f is None:
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.run(f, *args, **kwargs)

@@ -1,0 +1,1 @@
+"""A tiny app with a custom job class, as a site would write one."""
