@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from hpc_agent import __version__, files, wire
 from hpc_agent.schedulers.base import InvalidParameters, SchedulerError
 from hpc_agent.state import is_final
-from hpc_agent.status import JobStatus
+from hpc_agent.status import TERMINAL, JobStatus
 
 log = Logger()
 
@@ -233,6 +233,9 @@ class AgentCore:
             # for it is answered from this record instead of running it.
             self._record(job_id, JobStatus.CANCELLED, "cancelled before submission")
         elif not is_final(job.status):
+            # hpcd's state already; recorded here so the end states the
+            # transition table allows after a cancel are accepted.
+            self.state.set_status(job_id, JobStatus.CANCELLING)
             yield self.in_thread(self.scheduler(job_id, job.scheduler_id).cancel)
             self.poller.kick()
         return {"status": int(self.state.get(job_id).status)}
@@ -245,6 +248,8 @@ class AgentCore:
             raise RequestFailed("job_active", f"job {job_id} is {job.status.name}: "
                                 "cancel it before deleting its data")
         scheduler_id = job.scheduler_id if job else None
+        if job is not None:
+            self.state.set_status(job_id, JobStatus.DELETING)
         yield self.in_thread(self.scheduler(job_id, scheduler_id).delete_data)
         self._record(job_id, JobStatus.DELETED)
         return {"status": int(JobStatus.DELETED)}
@@ -309,12 +314,20 @@ class AgentCore:
     @defer.inlineCallbacks
     def poll(self):
         """Ask the scheduler about every active job at once; True if any changed."""
-        jobs = [(j.job, j.scheduler_id) for j in self.state.active_jobs() if j.scheduler_id]
-        if not jobs:
+        active = {j.job: j for j in self.state.active_jobs() if j.scheduler_id}
+        if not active:
             return False
-        states = yield self.in_thread(self.scheduler_class.status_many, self.settings, jobs)
+        states = yield self.in_thread(self.scheduler_class.status_many, self.settings,
+                                      [(j.job, j.scheduler_id) for j in active.values()])
         changed = False
         for job_id, state in states.items():
+            job = active.get(job_id)
+            if job is None:
+                continue
+            if (state.started is not None and state.status in TERMINAL
+                    and job.status in (JobStatus.SUBMITTED, JobStatus.QUEUED)):
+                # It ran and ended between two polls: record that it ran.
+                self.state.set_status(job_id, JobStatus.RUNNING)
             if self.state.set_status(job_id, state.status, state.detail) is not None:
                 changed = True
         if changed:

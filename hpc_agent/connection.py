@@ -92,7 +92,9 @@ class Link:
         self._set_credential(token)
         self.service = ClientService(
             client_endpoint(reactor, base, ca_file), self.factory,
-            retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=30.0),
+            # Capped well below hpcd's resume grace period (15 s), so an agent is
+            # back before hpcd would launch a replacement.
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=8.0),
             prepareConnection=self._prepare)
 
     def _set_credential(self, token):

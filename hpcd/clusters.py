@@ -360,9 +360,12 @@ class ClusterManager(service.Service):
 
         return d.addCallback(take_over)
 
+    @defer.inlineCallbacks
     def agent_ready(self, session):
+        if session.cluster_id not in self.links:
+            yield self.refresh()  # a cluster added since the last refresh
         link = self.links.get(session.cluster_id)
-        if link is None:  # disabled or removed meanwhile
+        if link is None:  # disabled or removed
             session.close(CLOSE_SHUTDOWN, "cluster disabled or removed")
             return
         self._input(link, link.agent_connected)

@@ -6,6 +6,7 @@ very database the test set up (HPC_TEST_DB_NAME).
 """
 
 import os
+import tempfile
 
 SECRET_KEY = "tests-only-not-secret"
 DEBUG = False
@@ -49,7 +50,8 @@ if _backend == "postgres":
         "TEST": {"NAME": _name or "test_hpc_job_controller"},
     }}
 else:
-    _path = _name or os.environ.get("HPC_TEST_SQLITE", "/tmp/hpc-test.sqlite3")
+    _path = _name or os.environ.get(
+        "HPC_TEST_SQLITE", os.path.join(tempfile.gettempdir(), f"hpc-test-{os.getpid()}.sqlite3"))
     DATABASES = {"default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": _path,
@@ -60,7 +62,8 @@ else:
         "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 30},
     }}
 
-HPC_IPC_UNIX_SOCKET = os.environ.get("HPC_IPC_UNIX_SOCKET", "/tmp/hpc-test.sock")
+HPC_IPC_UNIX_SOCKET = os.environ.get(
+    "HPC_IPC_UNIX_SOCKET", os.path.join(tempfile.gettempdir(), f"hpc-test-{os.getpid()}.sock"))
 HPC_WEBSOCKET_PORT = int(os.environ.get("HPC_WEBSOCKET_PORT", "0"))
 HPC_JOB_CLASS = os.environ.get("HPC_JOB_CLASS", "djangoapp.models.HpcJob")
 HPC_AGENT_RESUME_GRACE_SECONDS = float(os.environ.get("HPC_AGENT_RESUME_GRACE_SECONDS", "2"))

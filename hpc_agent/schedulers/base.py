@@ -32,10 +32,16 @@ class SchedulerError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class JobState:
-    """What a scheduler says about one job."""
+    """What a scheduler says about one job.
+
+    ``started`` (a Unix time, or None) says the job did start running: a job
+    that started and finished between two polls is then still recorded as
+    RUNNING before its end, so its history shows every phase.
+    """
 
     status: JobStatus
     detail: str = ""
+    started: float = None
 
 
 #: ``array`` accepts "0-9", "1,3,5", "1-99:2" or "0-9%2" (Slurm's syntax,

@@ -118,13 +118,16 @@ class Local(Scheduler):
 
 
 def _state_of(result):
+    started = result["started"]
     if result["stopped"] == "cancelled":
-        return JobState(JobStatus.CANCELLED)
+        return JobState(JobStatus.CANCELLED, started=started)
     if result["stopped"] == "walltime":
-        return JobState(JobStatus.WALL_TIME_EXCEEDED, "the job exceeded its walltime")
+        return JobState(JobStatus.WALL_TIME_EXCEEDED, "the job exceeded its walltime",
+                        started=started)
     if result["exit_code"] == 0:
-        return JobState(JobStatus.COMPLETED)
+        return JobState(JobStatus.COMPLETED, started=started)
     if result["signal"] is not None:
         name = signal.Signals(result["signal"]).name
-        return JobState(JobStatus.ERROR, f"killed by signal {result['signal']} ({name})")
-    return JobState(JobStatus.ERROR, f"exit code {result['exit_code']}")
+        return JobState(JobStatus.ERROR, f"killed by signal {result['signal']} ({name})",
+                        started=started)
+    return JobState(JobStatus.ERROR, f"exit code {result['exit_code']}", started=started)

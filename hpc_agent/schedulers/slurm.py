@@ -1,0 +1,540 @@
+"""Slurm (sbatch, squeue, sacct, scancel), and what the batch schedulers share.
+
+:class:`BatchScheduler` holds what Slurm, SGE and PBS have in common: the one
+place a command is run, the job script and its hooks for sites, the job's tag,
+arrays, and the rule that folds an array's elements into one state.  It lives
+here because Slurm's array syntax is the one the job parameters use;
+:mod:`.sge` and :mod:`.pbs` import it.
+
+Slurm itself, as measured on a real 22.05 with slurmdbd (tests/integration):
+
+* One ``squeue --user=<uid> --states=all --array`` asks the controller once
+  for every job of the agent's user (a server-side user filter), including
+  jobs that ended less than MinJobAge (300 s) ago, with their exit codes.  So
+  a poll is one process whatever the number of jobs, and most jobs are
+  decided without accounting.
+* A job gone from squeue is looked up in ``sacct`` (one call for all of them).
+  Without slurmdbd, sacct says "accounting storage is disabled" and
+  ``sacct -c`` reads the job completion file instead; that file loses array
+  indices (its parser rejects ``ArrayJobId``) and numbers elements by their
+  own job ids, so there elements are matched by the job's tag.
+"""
+
+import collections
+import math
+import os
+import re
+import shlex
+import subprocess
+import time
+
+from hpc_agent.schedulers.base import (
+    InvalidParameters, JobSpec, JobState, Scheduler, SchedulerError)
+from hpc_agent.status import JobStatus
+
+CONTROL_DIR = ".hpc"
+#: More array elements than this are refused rather than expanded in memory.
+MAX_ARRAY_INDICES = 100_000
+
+_S = JobStatus
+
+
+class BatchScheduler(Scheduler):
+    """A scheduler driven by command-line tools on the agent's host.
+
+    Sites adapt submission with two hooks: :meth:`build_script` (the text of
+    the job script) and :meth:`submit_arguments` (the submit command's
+    options), for example::
+
+        class Site(Slurm):
+            def build_script(self, spec):
+                return super().build_script(spec).replace(
+                    "cd ", "module load python\\ncd ", 1)
+
+            def submit_arguments(self, spec):
+                return super().submit_arguments(spec) + ["--qos=long"]
+    """
+
+    #: Seconds a scheduler command may take before it counts as failed.
+    #: Slurm's clients retry for about 10 s while slurmctld is down; SGE's
+    #: qdel hangs about 60 s when qmaster is gone: neither may hold a worker
+    #: thread for long.
+    command_timeout = 30.0
+    #: The command and fixed options that submit a script and print its id.
+    submit_program = ()
+    #: Variables dropped from the environment of every command, because a
+    #: user's login environment can filter or reformat their output.
+    ignored_environment = ()
+    #: Submit errors that may pass (retry) rather than reject the job.
+    transient_errors = re.compile(r"$^")
+    #: Base name of the job's stdout/stderr files in its working directory.
+    output_name = "hpc-job"
+
+    # -- commands -------------------------------------------------------------
+
+    @classmethod
+    def run(cls, argv, timeout=None):
+        """Run one scheduler command; return its :class:`subprocess.CompletedProcess`.
+
+        Every process a scheduler class starts goes through here, so tests
+        replace this one method to script answers or to count processes.
+        """
+        timeout = cls.command_timeout if timeout is None else timeout
+        env = {k: v for k, v in os.environ.items()
+               if not (cls.ignored_environment and k.startswith(cls.ignored_environment))}
+        try:
+            return subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                errors="replace", timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise SchedulerError(f"{argv[0]} did not answer within {timeout:g} s") from None
+        except OSError as e:
+            raise SchedulerError(f"cannot run {argv[0]}: {e.strerror}") from None
+
+    @classmethod
+    def call(cls, argv, timeout=None):
+        """run() and return its output; a failure raises SchedulerError."""
+        result = cls.run(argv, timeout)
+        if result.returncode != 0:
+            raise SchedulerError(f"{argv[0]} failed: {error_text(result)}")
+        return result.stdout
+
+    # -- submission -----------------------------------------------------------
+
+    def control_dir(self):
+        """``<working directory>/.hpc``: the script and the agent's notes."""
+        return os.path.join(self.get_working_directory(), CONTROL_DIR)
+
+    def script_path(self):
+        return os.path.join(self.control_dir(), "job.sh")
+
+    def job_name(self, spec):
+        """The tag, then the user's ``name``: ``hpc-12`` or ``hpc-12.render``."""
+        return f"{self.tag}.{spec.name}" if spec.name else self.tag
+
+    def build_script(self, spec):
+        """The job script's text (a hook for sites).
+
+        The environment is exported in the script, quoted by shlex, rather
+        than passed with ``--export``/``-v``, whose comma-separated syntax
+        cannot carry every value.
+        """
+        lines = ["#!/bin/bash", f"# Job {self.ui_id}, written by the hpc-job-controller agent."]
+        lines += [f"export {name}={shlex.quote(value)}"
+                  for name, value in sorted((spec.environment or {}).items())]
+        lines += [f"cd {shlex.quote(self.get_working_directory())} || exit 1", "",
+                  spec.script.rstrip("\n"), ""]
+        return "\n".join(lines)
+
+    def submit_arguments(self, spec):
+        """The submit command's options for ``spec`` (a hook for sites).
+
+        Raise InvalidParameters for anything the scheduler cannot honour.
+        """
+        raise NotImplementedError
+
+    def parse_submitted(self, output):
+        """The job id from the submit command's output."""
+        raise NotImplementedError
+
+    def submit(self, parameters):
+        spec = JobSpec.from_parameters(parameters)
+        # Options first: a refused job leaves nothing behind on disk.
+        argv = [*self.submit_program, *self.submit_arguments(spec), self.script_path()]
+        os.makedirs(self.control_dir(), exist_ok=True)
+        with open(self.script_path(), "w") as f:
+            f.write(self.build_script(spec))
+        result = self.run(argv)
+        if result.returncode != 0:
+            message = error_text(result)
+            if self.transient_errors.search(message):
+                raise SchedulerError(f"{argv[0]} failed: {message}")
+            raise InvalidParameters(f"{type(self).__name__} refused the job: {message}")
+        return self.parse_submitted(result.stdout)
+
+    # -- state ----------------------------------------------------------------
+
+    def status(self):
+        state = self.status_many(self.settings, [(self.ui_id, self.job_id)]).get(self.ui_id)
+        if state is None:
+            raise SchedulerError(
+                f"job {self.job_id} ({self.tag}) is neither queued nor in accounting yet")
+        return state
+
+    @classmethod
+    def tags(cls, settings, ui_ids):
+        """``{tag: ui_id}`` for these jobs."""
+        return {cls(settings, ui_id).tag: ui_id for ui_id in ui_ids}
+
+    def cancel_marker(self):
+        """A file cancel() leaves, for schedulers that forget jobs deleted
+        before they started (SGE and PBS keep no record of them)."""
+        return os.path.join(self.control_dir(), "cancelled")
+
+    def mark_cancelled(self):
+        os.makedirs(self.control_dir(), exist_ok=True)
+        with open(self.cancel_marker(), "w"):
+            pass
+
+
+def error_text(result):
+    """What a failed command said, for an error message."""
+    return (result.stderr.strip() or result.stdout.strip()
+            or f"exit status {result.returncode}")
+
+
+def tag_of(job_name):
+    """``hpc-12`` for a job named ``hpc-12`` or ``hpc-12.render``."""
+    return job_name.split(".", 1)[0]
+
+
+# -- arrays -------------------------------------------------------------------
+
+def parse_array(text):
+    """Slurm's array syntax -> ``([(first, last, step), ...], limit or None)``.
+
+    ``"1-99:2%3"`` -> ``([(1, 99, 2)], 3)``.  SGE prints task ranges the same
+    way ("3-5:1"), so this reads those too.
+    """
+    body, _, limit = text.strip("[]").partition("%")
+    ranges = []
+    for part in body.split(","):
+        bounds, _, step = part.partition(":")
+        first, _, last = bounds.partition("-")
+        first, last, step = int(first), int(last or first), int(step or 1)
+        if last < first or step < 1:
+            raise InvalidParameters(f"'array' range {part!r} is empty")
+        ranges.append((first, last, step))
+    return ranges, (int(limit) if limit else None)
+
+
+def array_indices(ranges):
+    """The sorted indices of parsed ranges."""
+    if sum((last - first) // step + 1 for first, last, step in ranges) > MAX_ARRAY_INDICES:
+        raise InvalidParameters(f"'array' has more than {MAX_ARRAY_INDICES} elements")
+    return sorted({i for first, last, step in ranges for i in range(first, last + 1, step)})
+
+
+def as_single_range(indices):
+    """``(first, last, step)`` when the indices are one arithmetic run, else None."""
+    step = indices[1] - indices[0] if len(indices) > 1 else 1
+    if indices != list(range(indices[0], indices[-1] + 1, step)):
+        return None
+    return indices[0], indices[-1], step
+
+
+def compact(indices):
+    """``[1, 2, 3, 7]`` -> ``"1-3,7"``."""
+    runs = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+#: How bad an element's end is, for the state of an array whose elements all ended.
+_SEVERITY = [_S.COMPLETED, _S.CANCELLED, _S.WALL_TIME_EXCEEDED, _S.OUT_OF_MEMORY, _S.ERROR]
+#: "FAILED" reads better than "ERROR" in a count of elements.
+_LABELS = {_S.ERROR: "FAILED"}
+
+
+def aggregate(elements):
+    """One JobState for an array from ``[(index or None, JobState), ...]``.
+
+    RUNNING while any element runs, QUEUED while any waits, then COMPLETED
+    when all completed, ERROR when any failed, else the worst end.  The detail
+    counts elements by state: "array: 8 COMPLETED, 2 FAILED (exit code 3: 4,7)".
+    """
+    statuses = {state.status for _, state in elements}
+    if _S.RUNNING in statuses:
+        status = _S.RUNNING
+    elif _S.QUEUED in statuses:
+        status = _S.QUEUED
+    else:
+        status = max(statuses, key=_SEVERITY.index)
+    groups = collections.defaultdict(lambda: collections.defaultdict(list))
+    for index, state in elements:
+        groups[state.status][state.detail].append(index)
+    parts = []
+    for element_status in sorted(groups, reverse=True):
+        by_detail = groups[element_status]
+        count = sum(map(len, by_detail.values()))
+        notes = [f"{detail}: {compact(i for i in indices if i is not None)}"
+                 if any(i is not None for i in indices) else detail
+                 for detail, indices in sorted(by_detail.items()) if detail]
+        label = _LABELS.get(element_status, element_status.name)
+        parts.append(f"{count} {label}" + (f" ({'; '.join(notes)})" if notes else ""))
+    starts = [state.started for _, state in elements if state.started is not None]
+    return JobState(status, "array: " + ", ".join(parts), min(starts, default=None))
+
+
+def exit_detail(code, signal=0):
+    """"exit code 3" or "killed by signal 9"."""
+    return f"killed by signal {signal}" if signal else f"exit code {code}"
+
+
+# -- Slurm ----------------------------------------------------------------------
+
+#: Slurm job state -> (status, detail); FAILED is decided by its exit code.
+_SLURM_STATES = {
+    "PENDING": (_S.QUEUED, ""), "CONFIGURING": (_S.QUEUED, "configuring nodes"),
+    "REQUEUED": (_S.QUEUED, "requeued"), "REQUEUE_HOLD": (_S.QUEUED, "requeued, held"),
+    "REQUEUE_FED": (_S.QUEUED, "requeued"), "RESV_DEL_HOLD": (_S.QUEUED, "held"),
+    "SPECIAL_EXIT": (_S.QUEUED, "held after a special exit"),
+    "RUNNING": (_S.RUNNING, ""), "COMPLETING": (_S.RUNNING, ""),
+    "SIGNALING": (_S.RUNNING, ""), "STAGE_OUT": (_S.RUNNING, ""),
+    "RESIZING": (_S.RUNNING, ""),
+    "SUSPENDED": (_S.RUNNING, "suspended"), "STOPPED": (_S.RUNNING, "stopped"),
+    "COMPLETED": (_S.COMPLETED, ""), "CANCELLED": (_S.CANCELLED, ""),
+    "TIMEOUT": (_S.WALL_TIME_EXCEEDED, "time limit reached"),
+    "OUT_OF_MEMORY": (_S.OUT_OF_MEMORY, "out of memory"),
+    "NODE_FAIL": (_S.ERROR, "node failure"), "BOOT_FAIL": (_S.ERROR, "node boot failure"),
+    "PREEMPTED": (_S.ERROR, "preempted"), "DEADLINE": (_S.ERROR, "deadline reached"),
+    "REVOKED": (_S.ERROR, "revoked by the federation"),
+}
+
+#: Reasons squeue gives that say nothing a user needs.
+_QUIET_REASONS = {"None", "Priority", "Resources", "NonZeroExitCode", ""}
+
+#: "123", "123_4", "123_[5-9%2]"; steps ("123.batch") do not match.
+_SACCT_ID = re.compile(r"^(\d+)(?:_(\d+|\[[^\]]*\]))?(?:\+\d+)?$")
+
+
+def slurm_state(state, exit_code=(0, 0), reason="", start=""):
+    """A JobState from Slurm's state ("FAILED", "CANCELLED by 1001"), or None.
+
+    ``exit_code`` is ``(code, signal)``; ``start`` Slurm's StartTime.  None
+    for a state this code does not know: the job is left undecided rather
+    than guessed.
+    """
+    word, _, by = state.partition(" by ")
+    if word == "FAILED":
+        status = _S.ERROR
+        detail = (exit_detail(*exit_code) if any(exit_code) else
+                  f"failed ({reason})" if reason not in _QUIET_REASONS else "failed")
+    elif word in _SLURM_STATES:
+        status, detail = _SLURM_STATES[word]
+        if by:
+            detail = f"cancelled by uid {by}"
+        elif status == _S.QUEUED and reason not in _QUIET_REASONS:
+            detail = ", ".join(filter(None, [detail, reason]))
+    else:
+        return None
+    # A cancelled job may never have run, though Slurm gives it a start time.
+    ran = status not in (_S.QUEUED, _S.CANCELLED)
+    return JobState(status, detail, parse_time(start, "%Y-%m-%dT%H:%M:%S") if ran else None)
+
+
+def parse_time(text, layout):
+    """Seconds since the epoch for a local time string; None if it is not one."""
+    try:
+        return time.mktime(time.strptime(text.strip(), layout))
+    except ValueError:
+        return None
+
+
+class Slurm(BatchScheduler):
+    """Jobs submitted with sbatch, polled with squeue and sacct."""
+
+    # squeue is one cheap RPC whatever the job count, so poll briskly.
+    poll_fast_seconds = 2.0
+    poll_slow_seconds = 30.0
+    submit_program = ("sbatch", "--parsable")
+    # SQUEUE_PARTITION, SQUEUE_STATES, SLURM_TIME_FORMAT... in a user's
+    # login environment would filter or reshape what the agent parses.
+    ignored_environment = ("SQUEUE_", "SACCT_", "SLURM_TIME_FORMAT")
+    transient_errors = re.compile(
+        r"Unable to contact|timed out|temporarily|Connection refused|Zero Bytes|"
+        r"communication|MaxSubmitJob|submit limit", re.IGNORECASE)
+    #: "sacct" (slurmdbd) or "jobcomp" (``sacct -c``); None: try sacct and
+    #: switch to jobcomp, once, if it says accounting storage is disabled.
+    accounting = None
+    #: How far back find_submitted looks in accounting, in days.
+    find_lookback_days = 30
+
+    _SQUEUE_FIELDS = ("ArrayJobID", "ArrayTaskID", "State", "exit_code", "Reason",
+                      "StartTime", "Name")
+
+    # -- submission -----------------------------------------------------------
+
+    def submit_arguments(self, spec):
+        suffix = "-%a" if spec.array else ""
+        args = [f"--job-name={self.job_name(spec)}",
+                f"--chdir={self.get_working_directory()}",
+                # Relative to --chdir, so no '%' in the directory is expanded.
+                f"--output={self.output_name}{suffix}.out",
+                f"--error={self.output_name}{suffix}.err"]
+        options = {"nodes": "--nodes", "tasks": "--ntasks", "cpus_per_task": "--cpus-per-task",
+                   "queue": "--partition", "account": "--account"}
+        args += [f"{option}={getattr(spec, field)}" for field, option in options.items()
+                 if getattr(spec, field) is not None]
+        if spec.memory_mb:
+            args.append(f"--mem={spec.memory_mb}M")
+        if spec.walltime_seconds:
+            # Slurm's time limits have a resolution of one minute.
+            args.append(f"--time={math.ceil(spec.walltime_seconds / 60)}")
+        if spec.array:
+            parse_array(spec.array)
+            args.append(f"--array={spec.array}")
+        return args
+
+    def parse_submitted(self, output):
+        # "123", or "123;cluster" on a multi-cluster setup.
+        return output.strip().splitlines()[-1].split(";")[0]
+
+    def cancel(self):
+        result = self.run(["scancel", str(self.job_id)])
+        if result.returncode != 0 and not re.search(
+                r"Invalid job id|already completing or completed", error_text(result)):
+            raise SchedulerError(f"scancel failed: {error_text(result)}")
+
+    # -- the live view --------------------------------------------------------
+
+    @classmethod
+    def squeue(cls):
+        """``{job id: (name, elements)}`` for every job of the agent's user.
+
+        ``elements`` is ``[(array index or None, JobState or None), ...]``.
+        """
+        fields = ",".join(f"{field}:0|" for field in cls._SQUEUE_FIELDS[:-1])
+        output = cls.call(["squeue", "--noheader", "--array", "--states=all",
+                           f"--user={os.geteuid()}",
+                           f"--Format={fields},{cls._SQUEUE_FIELDS[-1]}:0"])
+        jobs = {}
+        for line in output.splitlines():
+            if line.count("|") < 6:
+                continue
+            job_id, index, state, status, reason, start, name = line.split("|", 6)
+            # exit_code is a wait() status: the exit code in the high byte.
+            status = int(status)
+            element = (None if index == "N/A" else int(index),
+                       slurm_state(state, (status >> 8, status & 0x7f), reason, start))
+            jobs.setdefault(job_id, (name.strip(), []))[1].append(element)
+        return jobs
+
+    # -- accounting -----------------------------------------------------------
+
+    @classmethod
+    def sacct(cls, args):
+        """``(rows, from_jobcomp)``: rows of JobID, State, ExitCode, Start, JobName
+        (last: other jobs' names may hold the separator).
+
+        The job completion file (``sacct -c``) serves when accounting storage
+        is disabled; it ignores most filters, so ``args`` are dropped there.
+        """
+        fields = ["--noheader", "--parsable2", "--format=JobID,State,ExitCode,Start,JobName"]
+        if cls.accounting != "jobcomp":
+            result = cls.run(["sacct", "--allocations", *fields, *args])
+            if result.returncode == 0:
+                return _rows(result.stdout), False
+            if "accounting storage is disabled" not in error_text(result):
+                raise SchedulerError(f"sacct failed: {error_text(result)}")
+            cls.accounting = "jobcomp"
+        # Warns about its own ArrayJobId keys on stderr, and exits 0.
+        return _rows(cls.call(["sacct", "-c", *fields])), True
+
+    @classmethod
+    def ended(cls, jobs):
+        """``{job id: elements}`` from accounting for ``jobs``, a ``{job id: tag}``."""
+        rows, from_jobcomp = cls.sacct([f"--jobs={','.join(jobs)}"])
+        job_of_tag = {tag: job_id for job_id, tag in jobs.items()}
+        found = collections.defaultdict(list)
+        for row_id, state, exit_code, start, name in rows:
+            match = _SACCT_ID.match(row_id)
+            if not match:
+                continue
+            code, _, signal = exit_code.partition(":")
+            element_state = slurm_state(state, (int(code or 0), int(signal or 0)), "", start)
+            if from_jobcomp:
+                # Elements have job ids of their own there (and no index):
+                # match by tag, ignoring older jobs that had the same tag.
+                job_id = job_of_tag.get(tag_of(name))
+                if job_id and int(match[1]) >= int(job_id):
+                    found[job_id].append((None, element_state))
+                continue
+            job_id, index = match[1], match[2]
+            if job_id not in jobs:
+                continue
+            if index is None or index.isdigit():
+                found[job_id].append((index and int(index), element_state))
+            else:  # pending elements, as "123_[5-9%2]"
+                found[job_id] += [(i, element_state)
+                                  for i in array_indices(parse_array(index)[0])]
+        return found
+
+    # -- batch calls ----------------------------------------------------------
+
+    @classmethod
+    def status_many(cls, settings, jobs):
+        wanted = {str(job_id): ui_id for ui_id, job_id in jobs if job_id}
+        live = cls.squeue()
+        answer, missing = {}, {}
+        for job_id, ui_id in wanted.items():
+            elements = live.get(job_id, ("", []))[1]
+            state = decide(elements)
+            is_array = bool(elements) and elements[0][0] is not None
+            if state is not None and (state.status in _ACTIVE or not is_array):
+                answer[ui_id] = state
+            else:
+                # Gone from squeue, or an array whose early elements may have
+                # left it already: accounting knows every element.
+                missing[job_id] = cls(settings, ui_id).tag
+        if missing:
+            ended = cls.ended(missing)
+            for job_id in missing:
+                state = decide(merge(live.get(job_id, ("", []))[1], ended.get(job_id, [])))
+                if state is not None:
+                    answer[wanted[job_id]] = state
+        return answer
+
+    @classmethod
+    def find_submitted(cls, settings, ui_ids):
+        tags = cls.tags(settings, ui_ids)
+        found = {}
+        for job_id, (name, _) in cls.squeue().items():
+            ui_id = tags.get(tag_of(name))
+            if ui_id is not None:
+                found[ui_id] = max(found.get(ui_id, job_id), job_id, key=int)
+        if len(found) == len(tags):
+            return found
+        rows, from_jobcomp = cls.sacct([f"--starttime=now-{cls.find_lookback_days}days"])
+        in_accounting = collections.defaultdict(set)
+        for row_id, *_, name in rows:
+            match = _SACCT_ID.match(row_id)
+            if match and tag_of(name) in tags:
+                in_accounting[tags[tag_of(name)]].add(int(match[1]))
+        for ui_id, job_ids in in_accounting.items():
+            # The newest job with the tag; in the completion file an array's
+            # elements have ids of their own above the array's, so its lowest.
+            found.setdefault(ui_id, str(min(job_ids) if from_jobcomp else max(job_ids)))
+        return found
+
+
+_ACTIVE = (_S.QUEUED, _S.RUNNING)
+
+
+def _rows(output):
+    return [line.split("|", 4) for line in output.splitlines() if line.count("|") >= 4]
+
+
+def merge(live, accounted):
+    """A job's elements from squeue and accounting; squeue is fresher."""
+    if not accounted:
+        return live
+    if any(index is None for index, _ in accounted):
+        # A plain job, or the completion file (no indices): the longer list.
+        return accounted if len(accounted) >= len(live) else live
+    elements = dict(accounted)
+    elements.update((index, state) for index, state in live if index is not None)
+    return sorted(elements.items())
+
+
+def decide(elements):
+    """The state of a job from its elements; None when it cannot be decided."""
+    if not elements or any(state is None for _, state in elements):
+        return None
+    if len(elements) == 1 and elements[0][0] is None:
+        return elements[0][1]
+    return aggregate(elements)

@@ -1,0 +1,263 @@
+"""Starting the real daemon and real agents for integration tests.
+
+hpcd runs as ``twistd --nodaemon hpcd`` in a subprocess against the very
+database the test uses (pytest-django's test database, passed by name), on
+a websocket port the kernel picks and a Unix socket in the test's temporary
+directory; readiness is its ``READY=1`` on a notification socket, as under
+systemd.  Agents are launched by that hpcd from agent directories whose
+``venv`` is the Python environment running the tests.
+"""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from hpc_agent.status import JobStatus
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+
+
+def wait_for(predicate, timeout=20.0, interval=0.05, what="condition"):
+    """Poll ``predicate`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def database_environment():
+    """Environment telling a subprocess to use the test's own database."""
+    from django.db import connection
+
+    name = connection.settings_dict["NAME"]
+    return {"HPC_TEST_DB": os.environ.get("HPC_TEST_DB", "sqlite"),
+            "HPC_TEST_DB_NAME": str(name)}
+
+
+class Hpcd:
+    """A real hpcd process."""
+
+    def __init__(self, workdir, extra_env=None):
+        self.workdir = str(workdir)
+        self.socket_path = os.path.join(self.workdir, "hpcd.sock")
+        self.log_path = os.path.join(self.workdir, "hpcd.log")
+        self.extra_env = extra_env or {}
+        self.process = None
+
+    def environment(self):
+        env = dict(os.environ)
+        env.update(database_environment())
+        env.update({
+            "DJANGO_SETTINGS_MODULE": "testsettings",
+            "PYTHONPATH": os.pathsep.join([TESTS, REPO]),
+            "HPC_IPC_UNIX_SOCKET": self.socket_path,
+            "HPC_WEBSOCKET_PORT": "0",
+        })
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout=30.0):
+        notify_path = os.path.join(self.workdir, f"notify-{time.monotonic_ns()}.sock")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(timeout)
+        env = self.environment()
+        env["NOTIFY_SOCKET"] = notify_path
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        self.process = subprocess.Popen(
+            [twistd, "--nodaemon", "--pidfile=", f"--logfile={self.log_path}", "hpcd"],
+            env=env, cwd=self.workdir, stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.workdir, "hpcd.stderr"), "ab"))
+        try:
+            message = notify.recv(64)
+        except socket.timeout:
+            self.stop()
+            raise AssertionError(f"hpcd did not become ready; log:\n{self.log()}") from None
+        finally:
+            notify.close()
+            os.unlink(notify_path)
+        assert message == b"READY=1", message
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+def make_agent_dir(path, **settings):
+    """An agent directory whose venv is this Python environment."""
+    path = str(path)
+    os.makedirs(path, exist_ok=True)
+    os.symlink(sys.prefix, os.path.join(path, "venv"))
+    values = {"HPC_JOB_WORKING_DIRECTORY": os.path.join(path, "jobs"),
+              "HPC_RECONNECT_SECONDS": 60, **settings}
+    with open(os.path.join(path, "settings.py"), "w") as f:
+        for name, value in values.items():
+            f.write(f"{name} = {value!r}\n")
+    return path
+
+
+def agent_pid(path):
+    try:
+        with open(os.path.join(path, "agent.lock")) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid and _alive(pid) else None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_agent(path):
+    """Stop the agent of a directory and every job runner it left."""
+    pid = agent_pid(path)
+    if pid:
+        os.kill(pid, signal.SIGKILL)
+    for runner_file in glob.glob(os.path.join(path, "jobs", "*", ".hpc", "runner.json")):
+        try:
+            with open(runner_file) as f:
+                info = json.load(f)
+            os.killpg(info["pgid"], signal.SIGKILL)
+            os.kill(info["pid"], signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            pass
+
+
+def websocket_port(daemon):
+    """The port hpcd bound for agents (the tests ask the kernel for any)."""
+    import re
+
+    match = wait_for(lambda: re.search(r"agents at ws://[^:]+:(\d+)", daemon.log()),
+                     what="hpcd's listening line")
+    return int(match.group(1))
+
+
+class RawWebsocket:
+    """A deliberately minimal websocket client, to send what no real agent would."""
+
+    def __init__(self, port, path, token=None, timeout=10.0):
+        import base64
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        auth = f"Authorization: {token}\r\n" if token is not None else ""
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{auth}\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        self.status = int(head.split(b" ", 2)[1]) if head else None
+        self._buffer = head.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in head else b""
+
+    def send(self, payload, opcode=0x1):
+        import struct
+
+        if isinstance(payload, str):
+            payload = payload.encode()
+        mask = os.urandom(4)
+        header = bytes([0x80 | opcode])
+        n = len(payload)
+        if n < 126:
+            header += bytes([0x80 | n])
+        elif n < 65536:
+            header += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            header += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(header + mask + masked)
+
+    def _read(self, n):
+        while len(self._buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self._buffer += chunk
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    def recv(self):
+        """``(opcode, payload)`` of the next frame (pings are answered)."""
+        import struct
+
+        while True:
+            b1, b2 = self._read(2)
+            n = b2 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack("!H", self._read(2))
+            elif n == 127:
+                (n,) = struct.unpack("!Q", self._read(8))
+            payload = self._read(n)
+            opcode = b1 & 0x0F
+            if opcode == 0x9:
+                self.send(payload, opcode=0xA)
+                continue
+            return opcode, payload
+
+    def close(self):
+        self.sock.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+
+FINAL = {JobStatus.COMPLETED, JobStatus.ERROR, JobStatus.CANCELLED,
+         JobStatus.WALL_TIME_EXCEEDED, JobStatus.OUT_OF_MEMORY, JobStatus.DELETED}
+
+
+def wait_status(job, statuses, timeout=20.0):
+    """Wait until the job (re-read from the database) is in one of ``statuses``."""
+    statuses = {statuses} if isinstance(statuses, JobStatus) else set(statuses)
+
+    def reached():
+        job.refresh_from_db()
+        return job.status in statuses
+
+    wait_for(reached, timeout=timeout, what=f"job {job.pk} to reach {statuses}")
+    return job
+
+
+def job_dir(cluster, job):
+    return os.path.join(cluster.client_path, "jobs", str(job.pk))
