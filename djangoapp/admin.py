@@ -1,20 +1,81 @@
 """Admin pages.  Rows hpcd writes are read-only here; actions go through the
 public API (cancel, delete, connect), never by editing state fields."""
 
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.shortcuts import render
 
 from djangoapp.ipc import HpcdError
 from djangoapp.models import HpcCluster, HpcJob, HpcJobStatusChange, WebsocketToken
 from djangoapp.transitions import JobStateError
 
 
+class HpcClusterForm(forms.ModelForm):
+    """Credentials are write-only: the form never shows a stored value back.
+
+    An empty key or password field keeps what is stored; "clear" removes it.
+    """
+
+    key = forms.CharField(
+        required=False, strip=False, label="Private key",
+        widget=forms.Textarea(attrs={"rows": 4, "autocomplete": "off",
+                                     "placeholder": "(stored; paste a new key to replace it)"}),
+        help_text=HpcCluster._meta.get_field("key").help_text)
+    password = forms.CharField(
+        required=False, strip=False, widget=forms.PasswordInput(render_value=False),
+        help_text=HpcCluster._meta.get_field("password").help_text)
+    clear_credentials = forms.BooleanField(
+        required=False, help_text="Remove the stored key and password.")
+
+    class Meta:
+        model = HpcCluster
+        fields = ["host_name", "port", "username", "key", "password", "clear_credentials",
+                  "host_key", "client_path", "enabled"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial["key"] = ""
+        self.initial["password"] = ""
+
+    def clean(self):
+        data = super().clean()
+        for name in ("key", "password"):
+            if self.instance.pk and not data.get(name) and not data.get("clear_credentials"):
+                data[name] = getattr(self.instance, name)
+            elif data.get("clear_credentials"):
+                data[name] = ""
+        return data
+
+
 @admin.register(HpcCluster)
 class HpcClusterAdmin(admin.ModelAdmin):
+    form = HpcClusterForm
     list_display = ("host_name", "client_path", "enabled", "online", "connected_since",
                     "status_detail")
     list_filter = ("enabled", "online")
     readonly_fields = ("online", "connected_since", "status_detail")
-    actions = ["connect_now"]
+    actions = ["connect_now", "pin_host_keys"]
+
+    @admin.action(description="Fetch and pin host keys (shows the fingerprints first)")
+    def pin_host_keys(self, request, queryset):
+        if request.POST.get("confirm") == "yes":
+            for cluster in queryset:
+                lines = request.POST.getlist(f"key-{cluster.pk}")
+                if lines:
+                    cluster.pin_host_keys([{"line": line} for line in lines])
+                    self.message_user(request, f"{cluster}: pinned {len(lines)} host keys")
+            return None
+        offered = []
+        for cluster in queryset:
+            try:
+                offered.append((cluster, cluster.fetch_host_keys(), None))
+            except HpcdError as e:
+                offered.append((cluster, [], str(e)))
+        return render(request, "admin/djangoapp/hpccluster/pin_host_keys.html", {
+            **self.admin_site.each_context(request), "title": "Pin SSH host keys",
+            "offered": offered, "queryset": queryset,
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME, "opts": self.model._meta})
 
     @admin.action(description="Connect now (launch the agent if it is not online)")
     def connect_now(self, request, queryset):

@@ -44,8 +44,14 @@ DEFAULTS = {
     "HPC_AGENT_REQUEST_TIMEOUT": 60.0,
     # Longest pause between two failed launches of a cluster's agent.
     "HPC_LAUNCH_MAX_BACKOFF_SECONDS": 600.0,
-    # Fernet keys encrypting cluster credentials at rest; the first encrypts.
+    # Fernet keys encrypting cluster credentials at rest (djangoapp.crypto); the
+    # first encrypts, all decrypt; make one with `manage.py hpc_credentials newkey`.
     "HPC_CREDENTIAL_KEYS": [],
+    # Most SSH logins per minute to one cluster (launches and commands):
+    # sites ban hosts that log in too often.
+    "HPC_SSH_LOGINS_PER_MINUTE": 6,
+    # Seconds an SSH connection opened by get_ssh_connection() may stay idle.
+    "HPC_SSH_SESSION_IDLE_SECONDS": 600,
 }
 
 

@@ -95,11 +95,13 @@ def _timeout():
     return float(hpc_settings.HPC_IPC_TIMEOUT)
 
 
-def call(command, **arguments):
+def call(command, timeout=None, **arguments):
     """Send one command and return its response as a dict.
 
-    A dead cached connection (hpcd restarted) is replaced once.  A command
-    whose answer was lost mid-way is not repeated: it may have been acted on.
+    ``timeout`` (seconds) replaces ``HPC_IPC_TIMEOUT`` for this call, for
+    commands that are slow by nature.  A dead cached connection (hpcd
+    restarted) is replaced once.  A command whose answer was lost mid-way is
+    not repeated: it may have been acted on.
     """
     path = hpc_settings.HPC_IPC_UNIX_SOCKET
     connection = getattr(_local, "connection", None)
@@ -111,6 +113,7 @@ def call(command, **arguments):
             connection = _Connection(path, _timeout())
             _local.connection, _local.path = connection, path
         try:
+            connection.sock.settimeout(timeout or _timeout())
             return _ask(connection, command, arguments)
         except HpcdError:
             raise
@@ -124,7 +127,8 @@ def call(command, **arguments):
         except socket.timeout:
             connection.close()
             _local.connection = None
-            raise HpcdUnavailable(f"hpcd did not answer within {_timeout():.0f} s") from None
+            raise HpcdUnavailable(
+                f"hpcd did not answer within {timeout or _timeout():.0f} s") from None
         except OSError as e:
             connection.close()
             _local.connection = None

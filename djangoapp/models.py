@@ -20,6 +20,7 @@ from django.utils.module_loading import import_string
 
 from djangoapp import ipc, transitions
 from djangoapp.conf import hpc_settings
+from djangoapp.crypto import EncryptedTextField
 from djangoapp.transitions import JobStateError
 from hpc_agent.status import ACTIVE, JobStatus
 from hpcd import commands
@@ -48,6 +49,22 @@ class HpcCluster(models.Model):
         max_length=255,
         help_text="The host hpcd logs in to over SSH to start the agent; "
                   "'localhost' starts it as a local process instead.")
+    port = models.PositiveIntegerField(default=22, help_text="The SSH port.")
+    username = models.CharField(max_length=255, blank=True,
+                                help_text="The user hpcd logs in as over SSH.")
+    key = EncryptedTextField(
+        "private key", blank=True,
+        help_text="An SSH private key (ed25519, ECDSA or RSA; OpenSSH or PEM format). "
+                  "Stored encrypted; leave empty for password login.")
+    password = EncryptedTextField(
+        blank=True,
+        help_text="The key's passphrase when a key is set, else the login password. "
+                  "Stored encrypted.")
+    host_key = models.TextField(
+        "pinned host keys", blank=True,
+        help_text="The cluster's SSH host keys, one per line as ssh-keyscan prints them. "
+                  "hpcd connects only to a server presenting one of these; use the "
+                  "'Fetch and pin host keys' action to fill it in.")
     client_path = models.CharField(
         "agent directory", max_length=4096,
         help_text="The agent directory on the cluster: it holds venv/ (a Python "
@@ -70,6 +87,11 @@ class HpcCluster(models.Model):
 
     def __str__(self):
         return f"{self.host_name}:{self.client_path}"
+
+    @property
+    def is_local(self):
+        """The agent runs as a local process of hpcd, not over SSH."""
+        return self.host_name == "localhost"
 
     def is_connected(self):
         """The WebsocketToken of the live agent connection, or None.
@@ -123,8 +145,74 @@ class HpcCluster(models.Model):
         return http
 
     def get_ssh_connection(self):
-        """Not available yet: SSH to clusters is a separate piece of work."""
-        raise NotImplementedError("SSH connections to clusters are not implemented yet")
+        """A connection to run commands on the cluster, held by hpcd.
+
+        hpcd logs in over SSH (a local shell for ``localhost``) with the
+        cluster's credentials and pinned host keys.  Use it in a ``with``
+        block, or call ``close()``::
+
+            with cluster.get_ssh_connection() as ssh:
+                result = ssh.exec_command("squeue --me", timeout=30)
+                result.exit_status, result.stdout, result.stderr
+        """
+        return ClusterShell(self)
+
+    def fetch_host_keys(self):
+        """The SSH host keys the cluster's server offers now, to check before
+        pinning: ``[{"key_type", "fingerprint", "line"}, ...]``."""
+        return ipc.call(commands.ScanHostKeys, cluster_id=self.pk, timeout=90)["keys"]
+
+    def pin_host_keys(self, keys):
+        """Trust these host keys (from :meth:`fetch_host_keys`) from now on."""
+        self.host_key = "\n".join(k["line"] for k in keys) + "\n"
+        self.save(update_fields=["host_key"])
+
+
+class CommandResult:
+    """What a command run by :class:`ClusterShell` left behind."""
+
+    def __init__(self, exit_status, stdout, stderr, signal=None):
+        self.exit_status = exit_status
+        self.stdout = stdout
+        self.stderr = stderr
+        self.signal = signal
+
+    def __repr__(self):
+        return f"<CommandResult exit_status={self.exit_status} signal={self.signal}>"
+
+
+class ClusterShell:
+    """Runs commands on a cluster through hpcd (see get_ssh_connection)."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self._shell_id = ipc.call(commands.OpenShell, cluster_id=cluster.pk, timeout=120)[
+            "shell_id"]
+
+    def exec_command(self, command, stdin=b"", timeout=60):
+        """Run ``command`` with a shell; returns a CommandResult (a non-zero
+        exit status is a result, not an exception)."""
+        if self._shell_id is None:
+            raise commands.NotFound("this connection is closed")
+        if isinstance(stdin, str):
+            stdin = stdin.encode()
+        # The socket waits for the command plus a margin for hpcd's own work.
+        answer = ipc.call(commands.RunCommand, timeout=float(timeout) + 30,
+                          shell_id=self._shell_id, command=command, stdin=stdin,
+                          timeout_seconds=float(timeout))
+        return CommandResult(answer["exit_status"], answer["stdout"], answer["stderr"],
+                             answer["signal"])
+
+    def close(self):
+        if self._shell_id is not None:
+            shell_id, self._shell_id = self._shell_id, None
+            ipc.call(commands.CloseShell, shell_id=shell_id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
 
 def _attachment(name):

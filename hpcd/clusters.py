@@ -18,6 +18,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from hpc_agent.wire import CLOSE_SHUTDOWN, CLOSE_SUPERSEDED
+from djangoapp.crypto import CredentialKeyError
 from hpcd.commands import ClusterOffline, NotFound
 from hpcd.launch import LaunchFailed
 
@@ -326,7 +327,7 @@ class ClusterManager(service.Service):
                 cluster_id, "agent", int(self._settings.HPC_TOKEN_TTL_SECONDS))
             yield self._store.set_cluster_detail(cluster_id, "launching the agent")
             output = yield self._launcher.launch(info, self._public_url(), secret)
-        except LaunchFailed as e:
+        except (LaunchFailed, CredentialKeyError) as e:
             self._input(link, link.launch_failed, str(e))
         except Exception as e:
             log.failure("launching cluster {id} failed", id=cluster_id)

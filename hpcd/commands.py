@@ -42,12 +42,17 @@ class Timeout(HpcdError):
     """The agent did not answer in time."""
 
 
+class SSHFailed(HpcdError):
+    """Logging in to the cluster or running a command there failed."""
+
+
 _ERRORS = {
     ClusterOffline: b"CLUSTER_OFFLINE",
     NotFound: b"NOT_FOUND",
     PathRefused: b"PATH_REFUSED",
     AgentError: b"AGENT_ERROR",
     Timeout: b"TIMEOUT",
+    SSHFailed: b"SSH_FAILED",
     # Last: AMP picks the first class that matches, and every error is one.
     HpcdError: b"HPCD_ERROR",
 }
@@ -56,18 +61,13 @@ _ERRORS = {
 ERROR_CLASSES = {code: cls for cls, code in _ERRORS.items()}
 
 
-class JSONValue(amp.Argument):
-    """Any JSON value, split over as many AMP keys as it needs.
-
-    AMP limits one value to 65,535 bytes; a file list can be far longer.
-    The value is stored as ``name`` = number of parts and ``name.0``,
-    ``name.1``, ... = the parts.
-    """
+class Bytes(amp.Argument):
+    """Bytes of any length, split over AMP keys like :class:`JSONValue`."""
 
     PART = 60000
 
     def toBox(self, name, strings, objects, proto):
-        data = json.dumps(objects.pop(_identifier(name)), separators=(",", ":")).encode()
+        data = objects.pop(_identifier(name))
         parts = [data[i:i + self.PART] for i in range(0, len(data), self.PART)] or [b""]
         strings[name] = str(len(parts)).encode()
         for i, part in enumerate(parts):
@@ -75,8 +75,26 @@ class JSONValue(amp.Argument):
 
     def fromBox(self, name, strings, objects, proto):
         count = int(strings.pop(name))
-        data = b"".join(strings.pop(name + b"." + str(i).encode()) for i in range(count))
-        objects[_identifier(name)] = json.loads(data)
+        objects[_identifier(name)] = b"".join(
+            strings.pop(name + b"." + str(i).encode()) for i in range(count))
+
+
+class JSONValue(Bytes):
+    """Any JSON value, split over as many AMP keys as it needs.
+
+    AMP limits one value to 65,535 bytes; a file list can be far longer.
+    The value is stored as ``name`` = number of parts and ``name.0``,
+    ``name.1``, ... = the parts.
+    """
+
+    def toBox(self, name, strings, objects, proto):
+        value = objects[_identifier(name)]
+        objects[_identifier(name)] = json.dumps(value, separators=(",", ":")).encode()
+        super().toBox(name, strings, objects, proto)
+
+    def fromBox(self, name, strings, objects, proto):
+        super().fromBox(name, strings, objects, proto)
+        objects[_identifier(name)] = json.loads(objects[_identifier(name)])
 
 
 def _identifier(name):
@@ -140,5 +158,39 @@ class SendMessage(amp.Command):
     """Send a wire message over the live connection a token opened."""
 
     arguments = [(b"token_id", amp.Integer()), (b"message", JSONValue())]
+    response = []
+    errors = _ERRORS
+
+
+class ScanHostKeys(amp.Command):
+    """The cluster's SSH host keys, fetched now, for an admin to check and pin:
+    ``[{"key_type", "fingerprint", "line"}, ...]``."""
+
+    arguments = [(b"cluster_id", amp.Integer())]
+    response = [(b"keys", JSONValue())]
+    errors = _ERRORS
+
+
+class OpenShell(amp.Command):
+    """Open a command connection to the cluster (SSH; local for localhost)."""
+
+    arguments = [(b"cluster_id", amp.Integer())]
+    response = [(b"shell_id", amp.Integer())]
+    errors = _ERRORS
+
+
+class RunCommand(amp.Command):
+    """Run one shell command on an open command connection."""
+
+    arguments = [(b"shell_id", amp.Integer()), (b"command", amp.Unicode()),
+                 (b"stdin", Bytes()), (b"timeout_seconds", amp.Float())]
+    response = [(b"exit_status", amp.Integer(optional=True)),
+                (b"signal", amp.Unicode(optional=True)),
+                (b"stdout", Bytes()), (b"stderr", Bytes())]
+    errors = _ERRORS
+
+
+class CloseShell(amp.Command):
+    arguments = [(b"shell_id", amp.Integer())]
     response = []
     errors = _ERRORS

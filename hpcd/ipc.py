@@ -11,8 +11,8 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from hpc_agent import wire
-from hpcd import commands
-from hpcd.commands import AgentError, HpcdError, NotFound, PathRefused
+from hpcd import commands, ssh
+from hpcd.commands import AgentError, HpcdError, NotFound, PathRefused, SSHFailed
 
 log = Logger()
 
@@ -89,6 +89,42 @@ class ControlProtocol(amp.AMP):
         except wire.ProtocolError as e:
             raise HpcdError(f"not a valid wire message: {e.message}") from None
         return {}
+
+
+    @commands.ScanHostKeys.responder
+    @_errors_as_hpcd_errors
+    @defer.inlineCallbacks
+    def scan_host_keys(self, cluster_id):
+        cluster = yield self.daemon.store.cluster(cluster_id)
+        if cluster is None:
+            raise NotFound(f"no cluster with id {cluster_id}")
+        try:
+            keys = yield ssh.scan_host_keys(self.daemon.reactor, cluster["host_name"],
+                                            cluster["port"], cluster_name=cluster["host_name"])
+        except ssh.SSHError as e:
+            raise SSHFailed(str(e)) from None
+        return {"keys": [{"key_type": k.key_type, "fingerprint": k.fingerprint_sha256,
+                          "line": k.line} for k in keys]}
+
+    @commands.OpenShell.responder
+    @_errors_as_hpcd_errors
+    @defer.inlineCallbacks
+    def open_shell(self, cluster_id):
+        shell_id = yield self.daemon.shells.open(cluster_id)
+        return {"shell_id": shell_id}
+
+    @commands.RunCommand.responder
+    @_errors_as_hpcd_errors
+    @defer.inlineCallbacks
+    def run_command(self, shell_id, command, stdin, timeout_seconds):
+        result = yield self.daemon.shells.run(shell_id, command, stdin, timeout_seconds)
+        return {"exit_status": result.exit_status, "signal": result.signal,
+                "stdout": result.stdout, "stderr": result.stderr}
+
+    @commands.CloseShell.responder
+    @_errors_as_hpcd_errors
+    def close_shell(self, shell_id):
+        return self.daemon.shells.close(shell_id).addCallback(lambda _: {})
 
 
 class ControlFactory(protocol.Factory):

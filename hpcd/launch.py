@@ -1,4 +1,4 @@
-"""Starting a cluster's agent.
+"""Starting a cluster's agent, and rationing SSH logins.
 
 The agent is started as ``cd AGENT_DIR && venv/bin/python -m hpc_agent``
 with a single JSON line on its standard input (the single-use token and the
@@ -9,11 +9,15 @@ verdict.  For ``localhost`` this runs as a local process; other hosts go
 over SSH.
 """
 
+import collections
 import json
 import os
+import shlex
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger
+
+from hpcd import ssh
 
 log = Logger()
 
@@ -32,6 +36,92 @@ def launch_input(url, token):
 def _tail(data, limit=2000):
     text = data.decode("utf-8", "replace").strip()
     return text if len(text) <= limit else "..." + text[-limit:]
+
+
+class LoginLimiter:
+    """At most ``per_minute`` SSH logins per cluster in any 60 s.
+
+    Sites ban hosts that log in too often; every SSH login hpcd makes (agent
+    launches and get_ssh_connection()) waits here for its turn.
+    """
+
+    def __init__(self, clock, per_minute):
+        self._clock = clock
+        self._per_minute = per_minute
+        self._logins = collections.defaultdict(collections.deque)
+
+    def delay(self, cluster_id):
+        """Seconds until cluster ``cluster_id`` may log in again (0: now)."""
+        logins = self._logins[cluster_id]
+        now = self._clock.seconds()
+        while logins and logins[0] <= now - 60:
+            logins.popleft()
+        if len(logins) < self._per_minute:
+            return 0.0
+        return logins[0] + 60 - now
+
+    @defer.inlineCallbacks
+    def acquire(self, cluster_id):
+        """Fires when a login may happen, and counts it."""
+        while (wait := self.delay(cluster_id)) > 0:
+            log.info("cluster {id}: SSH login limit reached; waiting {s:.0f} s",
+                     id=cluster_id, s=wait)
+            yield task.deferLater(self._clock, wait, lambda: None)
+        self._logins[cluster_id].append(self._clock.seconds())
+
+
+def ssh_target(cluster):
+    """The SSH login of a cluster (a dict from the store, secrets included)."""
+    return ssh.SSHTarget(
+        cluster_name=cluster["host_name"], host=cluster["host_name"], port=cluster["port"],
+        username=cluster["username"], key=cluster["key"] or None,
+        password=cluster["password"] or None, host_keys=cluster["host_key"])
+
+
+def agent_command(client_path):
+    """The shell command that starts the agent in ``client_path``."""
+    return (f"cd {shlex.quote(client_path)} && "
+            "if [ ! -x venv/bin/python ]; then "
+            "echo \"$PWD/venv/bin/python not found: install the agent "
+            "(manage.py hpc_install_agent)\" >&2; exit 127; fi && "
+            "exec venv/bin/python -m hpc_agent")
+
+
+class SSHLauncher:
+    """Starts agents over SSH with Conch, the token on the command's stdin."""
+
+    def __init__(self, reactor, limiter, timeout=60.0):
+        self._reactor = reactor
+        self._limiter = limiter
+        self._timeout = timeout
+
+    @defer.inlineCallbacks
+    def launch(self, cluster, url, token):
+        yield self._limiter.acquire(cluster["id"])
+        try:
+            result = yield ssh.run_command(
+                self._reactor, ssh_target(cluster), agent_command(cluster["client_path"]),
+                stdin=launch_input(url, token), timeout=self._timeout)
+        except ssh.SSHError as e:
+            raise LaunchFailed(str(e)) from None
+        if result.exit_status != 0:
+            how = (f"signal {result.signal}" if result.signal
+                   else f"exit status {result.exit_status}")
+            raise LaunchFailed(f"the agent exited at once ({how}): "
+                               f"{_tail(result.stderr) or _tail(result.stdout) or 'no output'}")
+        return _tail(result.stdout) or "agent started"
+
+
+class Launcher:
+    """A local process for ``localhost``, SSH for every other host."""
+
+    def __init__(self, local, remote):
+        self._local = local
+        self._remote = remote
+
+    def launch(self, cluster, url, token):
+        chosen = self._local if cluster["host_name"] == "localhost" else self._remote
+        return chosen.launch(cluster, url, token)
 
 
 class _LaunchProtocol(protocol.ProcessProtocol):

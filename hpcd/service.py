@@ -78,7 +78,8 @@ class Daemon(service.MultiService):
         from hpcd.clusters import ClusterManager
         from hpcd.dispatch import Dispatcher
         from hpcd.ipc import ControlFactory
-        from hpcd.launch import LocalLauncher
+        from hpcd.launch import Launcher, LocalLauncher, LoginLimiter, SSHLauncher
+        from hpcd.shells import Shells
         from hpcd.store import Store
         from hpcd.transfers import Transfers
 
@@ -87,8 +88,12 @@ class Daemon(service.MultiService):
         self.public_url = None
         self.store = Store(reactor, int(settings.HPC_DB_THREADS))
         self.store.setServiceParent(self)
-        self.clusters = ClusterManager(reactor, self.store, LocalLauncher(reactor), settings,
+        limiter = LoginLimiter(reactor, int(settings.HPC_SSH_LOGINS_PER_MINUTE))
+        launcher = Launcher(LocalLauncher(reactor), SSHLauncher(reactor, limiter))
+        self.clusters = ClusterManager(reactor, self.store, launcher, settings,
                                        lambda: self.public_url)
+        self.shells = Shells(reactor, self.store, limiter,
+                             float(settings.HPC_SSH_SESSION_IDLE_SECONDS))
         self.dispatcher = Dispatcher(reactor, self.store, self.clusters,
                                      float(settings.HPC_DISPATCH_SCAN_SECONDS))
         self.clusters.on_online = lambda cluster_id: self.dispatcher.scan()
@@ -155,4 +160,5 @@ class Daemon(service.MultiService):
             self.dispatcher.stopService()
         if self.clusters.running:
             self.clusters.stopService()
+        yield self.shells.close_all()
         yield super().stopService()

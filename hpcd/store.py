@@ -23,20 +23,27 @@ from hpc_agent.status import NEEDS_DISPATCH, JobStatus
 log = Logger()
 
 
-def _cluster_dict(c):
-    return {"id": c.id, "host_name": c.host_name, "client_path": c.client_path,
-            "enabled": c.enabled}
+_CLUSTER_FIELDS = ("id", "host_name", "port", "client_path", "enabled")
 
 
 # -- clusters ------------------------------------------------------------------
 
 def clusters_thd():
-    return [_cluster_dict(c) for c in HpcCluster.objects.all()]
+    """Every cluster, without its credentials."""
+    return list(HpcCluster.objects.values(*_CLUSTER_FIELDS))
 
 
 def cluster_thd(cluster_id):
+    """One cluster with its decrypted credentials, for a login; None if gone.
+
+    A credential that cannot be decrypted raises CredentialKeyError, whose
+    message names the setting to fix.
+    """
     c = HpcCluster.objects.filter(pk=cluster_id).first()
-    return _cluster_dict(c) if c else None
+    if c is None:
+        return None
+    return {**{f: getattr(c, f) for f in _CLUSTER_FIELDS}, "username": c.username,
+            "key": c.key, "password": c.password, "host_key": c.host_key}
 
 
 def mark_all_offline_thd():

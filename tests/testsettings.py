@@ -69,6 +69,8 @@ HPC_JOB_CLASS = os.environ.get("HPC_JOB_CLASS", "djangoapp.models.HpcJob")
 HPC_AGENT_RESUME_GRACE_SECONDS = float(os.environ.get("HPC_AGENT_RESUME_GRACE_SECONDS", "2"))
 HPC_DISPATCH_SCAN_SECONDS = float(os.environ.get("HPC_DISPATCH_SCAN_SECONDS", "5"))
 HPC_IPC_TIMEOUT = 20.0
+# Test-only Fernet key for the cluster credentials (djangoapp.crypto).
+HPC_CREDENTIAL_KEYS = ["IE2SCdRIt7btCajHo6VUXWuVdSKiESEYkHqORPjDZSQ="]
 
 LOGGING = {
     "version": 1,

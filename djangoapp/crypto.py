@@ -1,0 +1,131 @@
+"""
+Cluster credentials encrypted at rest (SSH private key, key passphrase,
+password), with Fernet keys from the ``HPC_CREDENTIAL_KEYS`` setting.
+
+``HPC_CREDENTIAL_KEYS`` is a list of Fernet keys (url-safe base64 of 32
+bytes, see ``generate_key()``). The first key encrypts; every key decrypts.
+To rotate: put a new key first, run ``rotate()`` over the stored values
+(saving each row through ``EncryptedTextField`` does the same), then drop
+the old key.
+
+Stored values carry the ``fernet:`` prefix, so ciphertext is never taken for
+plaintext and never encrypted twice. The setting is read at every call, so
+tests can override it. Nothing here logs or puts a plaintext in a message.
+"""
+
+from __future__ import annotations
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import models
+
+SETTING = "HPC_CREDENTIAL_KEYS"
+PREFIX = "fernet:"
+# Every Fernet token starts with version byte 0x80, base64 "gAAAAA".
+_TOKEN_START = PREFIX + "gAAAAA"
+
+
+class CredentialKeyError(ImproperlyConfigured):
+    """HPC_CREDENTIAL_KEYS is missing, empty or holds a malformed key."""
+
+
+class CredentialDecryptError(CredentialKeyError):
+    """A stored value cannot be decrypted with any configured key."""
+
+
+def generate_key() -> str:
+    """A new random Fernet key, for HPC_CREDENTIAL_KEYS."""
+    return Fernet.generate_key().decode("ascii")
+
+
+def is_encrypted(value: str | None) -> bool:
+    """Whether ``value`` is a token made by ``encrypt()``."""
+    return isinstance(value, str) and value.startswith(_TOKEN_START)
+
+
+def _fernet() -> MultiFernet:
+    configured = getattr(settings, SETTING, None)
+    if not configured or not isinstance(configured, (list, tuple)):
+        raise CredentialKeyError(
+            f"{SETTING} must be a non-empty list of Fernet keys, e.g. "
+            f"{SETTING} = [os.environ['HPC_CREDENTIAL_KEY']]; make a key with "
+            f"djangoapp.crypto.generate_key()."
+        )
+    fernets = []
+    for index, key in enumerate(configured):
+        try:
+            fernets.append(Fernet(key))
+        except (ValueError, TypeError):
+            # The key itself is a secret: name its position only.
+            raise CredentialKeyError(
+                f"{SETTING}[{index}] is not a valid Fernet key (url-safe base64 "
+                f"of 32 bytes); make one with djangoapp.crypto.generate_key()."
+            ) from None
+    return MultiFernet(fernets)
+
+
+def encrypt(text: str | None) -> str:
+    """``fernet:<token>`` for ``text``; empty or None gives ""."""
+    if not text:
+        return ""
+    return PREFIX + _fernet().encrypt(text.encode("utf-8")).decode("ascii")
+
+
+def decrypt(token: str | None) -> str:
+    """The plaintext of an ``encrypt()`` result; empty or None gives ""."""
+    if not token:
+        return ""
+    return _fernet_call("decrypt", token).decode("utf-8")
+
+
+def rotate(token: str | None) -> str:
+    """``token`` re-encrypted under the first key; empty or None gives ""."""
+    if not token:
+        return ""
+    return PREFIX + _fernet_call("rotate", token).decode("ascii")
+
+
+def _fernet_call(method: str, token: str) -> bytes:
+    if not is_encrypted(token):
+        raise CredentialDecryptError(
+            f"a stored credential is not a '{PREFIX}' token, so it cannot be "
+            f"decrypted; enter the credential again."
+        )
+    fernet = _fernet()
+    try:
+        return getattr(fernet, method)(token[len(PREFIX):].encode("ascii"))
+    except InvalidToken:
+        raise CredentialDecryptError(
+            f"a stored credential cannot be decrypted with any key in {SETTING}: "
+            f"was the key removed? Put the key that encrypted it back into "
+            f"{SETTING}, or enter the credential again."
+        ) from None
+
+
+class EncryptedTextField(models.TextField):
+    """A TextField whose column holds only ``fernet:`` ciphertext.
+
+    Python code sees plaintext. Assigning a value that is already a token
+    stores its plaintext re-encrypted, never a token of a token. Since every
+    encryption differs, filtering on this field's value finds nothing.
+    """
+
+    def from_db_value(self, value, expression, connection):
+        return self.to_python(value)
+
+    def to_python(self, value):
+        # Rows written before encryption was added still hold plaintext; they
+        # are read as is and encrypted at their next save.
+        if is_encrypted(value):
+            return decrypt(value)
+        return super().to_python(value)
+
+    def get_prep_value(self, value):
+        # TextField.get_prep_value calls to_python, which decrypts a token.
+        value = super().get_prep_value(value)
+        return None if value is None else encrypt(value)
+
+    def value_to_string(self, obj):
+        # dumpdata: keep fixtures free of plaintext; loaddata decrypts via to_python.
+        return self.get_prep_value(self.value_from_object(obj))

@@ -1,0 +1,292 @@
+"""Agents launched over SSH by hpcd, against the loopback OpenSSH server.
+
+The agent runs as the unprivileged test user, as on a real cluster, from an
+agent directory in that user's home.  One virtual environment is prepared
+per session (pip's cache makes later sessions quick); hpc_install_agent is
+tested on a directory of its own.
+"""
+
+import hashlib
+import os
+import pwd
+import shutil
+import subprocess
+import threading
+import uuid
+
+import pytest
+from django.core.management import call_command
+
+from djangoapp import agent_wheel, crypto
+from djangoapp.models import HpcCluster, HpcJob, JobStatus
+from harness import FINAL, wait_for, wait_status
+
+pytestmark = pytest.mark.ssh
+
+
+def as_user(user, *argv, timeout=900):
+    return subprocess.run(["runuser", "-u", user, "--", *argv], check=True,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def remote_home(ssh_server):
+    if os.geteuid() != 0:
+        pytest.skip("preparing the test user's agent needs root")
+    return pwd.getpwnam(ssh_server["user"]).pw_dir
+
+
+@pytest.fixture(scope="session")
+def shared_venv(ssh_server, remote_home, tmp_path_factory):
+    """A venv owned by the test user with this agent installed (from the wheel)."""
+    user = ssh_server["user"]
+    venv = os.path.join(remote_home, ".hpc-test-venv")
+    if not os.path.exists(os.path.join(venv, "bin", "python")):
+        as_user(user, "/usr/bin/python3", "-m", "venv", venv)
+    name, data = agent_wheel.build()
+    wheel = os.path.join(remote_home, name)
+    with open(wheel, "wb") as f:
+        f.write(data)
+    shutil.chown(wheel, user)
+    as_user(user, f"{venv}/bin/python", "-m", "pip", "install", "--quiet",
+            "--disable-pip-version-check", "--force-reinstall", "--no-deps", wheel)
+    as_user(user, f"{venv}/bin/python", "-m", "pip", "install", "--quiet",
+            "--disable-pip-version-check", wheel)
+    return venv
+
+
+@pytest.fixture
+def remote_agent_dir(ssh_server, remote_home, shared_venv):
+    """A fresh agent directory in the test user's home, its venv the shared one."""
+    user = ssh_server["user"]
+    path = os.path.join(remote_home, f"agent-{uuid.uuid4().hex[:8]}")
+    as_user(user, "mkdir", path)
+    as_user(user, "ln", "-s", shared_venv, os.path.join(path, "venv"))
+    as_user(user, f"{shared_venv}/bin/python", "-m", "hpc_agent", "init", path)
+    with open(os.path.join(path, "settings.py"), "a") as f:
+        f.write("\nHPC_RECONNECT_SECONDS = 30\n")
+    yield path
+    subprocess.run(["pkill", "-KILL", "-u", user, "-f", f"{path}"], check=False)
+    lock = os.path.join(path, "agent.lock")
+    if os.path.exists(lock):
+        pid = open(lock).read().strip()
+        if pid.isdigit():
+            subprocess.run(["kill", "-9", pid], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read_key(ssh_server, name):
+    with open(os.path.join(ssh_server["keys"], name)) as f:
+        return f.read()
+
+
+def host_keys(ssh_server):
+    with open(ssh_server["host_keys"]) as f:
+        return f.read()
+
+
+def make_cluster(ssh_server, client_path, **credentials):
+    return HpcCluster.objects.create(
+        host_name=ssh_server["host"], port=ssh_server["port"], username=ssh_server["user"],
+        host_key=host_keys(ssh_server), client_path=client_path, **credentials)
+
+
+def connect_and_run_a_job(cluster):
+    cluster.try_connect()
+
+    def online():
+        cluster.refresh_from_db()
+        return cluster.is_connected()
+
+    try:
+        wait_for(online, timeout=60, what="the agent to connect over SSH")
+    except AssertionError:
+        raise AssertionError(f"not connected: {cluster.status_detail}") from None
+    job = HpcJob.objects.create()
+    job.submit({"script": "id -un > who.txt"})
+    wait_status(job, FINAL, timeout=60)
+    assert job.status == JobStatus.COMPLETED, job.job_details
+    who = b"".join(job.fetch_remote_file("who.txt").streaming_content).decode().strip()
+    return who
+
+
+@pytest.mark.parametrize("key_name, passphrase", [
+    ("id_ed25519", ""),
+    ("id_ecdsa", "ecdsa-pass"),
+    ("id_rsa", "rsa-pass"),
+    ("id_rsa_pem", ""),
+])
+def test_each_key_type_launches_an_agent_that_runs_a_job(hpcd, ssh_server, remote_agent_dir,
+                                                         key_name, passphrase):
+    cluster = make_cluster(ssh_server, remote_agent_dir, key=read_key(ssh_server, key_name),
+                           password=passphrase)
+    assert connect_and_run_a_job(cluster) == ssh_server["user"]
+
+
+def test_password_login_launches_an_agent_and_hides_the_token(hpcd, ssh_server,
+                                                              remote_agent_dir):
+    cluster = make_cluster(ssh_server, remote_agent_dir, password=ssh_server["password"])
+    seen = set()
+    stop = threading.Event()
+
+    def watch_processes():
+        # Every word of every argument list and environment of the user's
+        # processes while the launch happens.
+        uid = pwd.getpwnam(ssh_server["user"]).pw_uid
+        while not stop.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if os.stat(f"/proc/{pid}").st_uid != uid:
+                        continue
+                    for name in ("cmdline", "environ"):
+                        with open(f"/proc/{pid}/{name}", "rb") as f:
+                            seen.update(f.read().replace(b"\0", b" ").split())
+                except OSError:
+                    pass
+
+    watcher = threading.Thread(target=watch_processes)
+    watcher.start()
+    try:
+        assert connect_and_run_a_job(cluster) == ssh_server["user"]
+    finally:
+        stop.set()
+        watcher.join()
+    token = cluster.is_connected()
+    assert token.purpose == "agent"
+    assert any(b"hpc_agent" in word for word in seen), "the watcher saw no agent process"
+    hashes = {hashlib.sha256(word).hexdigest() for word in seen}
+    assert token.token_hash not in hashes, "the launch token was visible in a process"
+    assert not os.path.exists(os.path.expanduser(f"~{ssh_server['user']}/.bash_history")) or \
+        token.token_hash not in {hashlib.sha256(line.strip().encode()).hexdigest() for line in
+                                 open(os.path.expanduser(f"~{ssh_server['user']}/.bash_history"))}
+
+
+@pytest.mark.parametrize("credentials, expected", [
+    ({"password": "wrong-password"}, "auth"),
+    ({"key": "id_ecdsa", "password": "wrong-passphrase"}, "passphrase"),
+])
+def test_wrong_credentials_are_refused_with_the_reason(hpcd, ssh_server, remote_agent_dir,
+                                                       credentials, expected):
+    if "key" in credentials:
+        credentials = dict(credentials, key=read_key(ssh_server, credentials["key"]))
+    cluster = make_cluster(ssh_server, remote_agent_dir, **credentials)
+    cluster.try_connect()
+
+    def failed():
+        cluster.refresh_from_db()
+        return "retrying in" in cluster.status_detail and cluster.status_detail
+
+    detail = wait_for(failed, timeout=30, what="the launch to fail")
+    assert expected in detail.lower()
+    assert cluster.is_connected() is None
+    assert "wrong-pass" not in detail
+
+
+def test_a_changed_host_key_is_refused_naming_both_fingerprints(hpcd, ssh_server,
+                                                                remote_agent_dir, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                    str(tmp_path / "other")], check=True)
+    other = (tmp_path / "other.pub").read_text().rsplit(" ", 1)[0]
+    cluster = make_cluster(ssh_server, remote_agent_dir, key=read_key(ssh_server, "id_ed25519"))
+    cluster.host_key = other
+    cluster.save()
+    cluster.try_connect()
+
+    def failed():
+        cluster.refresh_from_db()
+        return "retrying in" in cluster.status_detail and cluster.status_detail
+
+    detail = wait_for(failed, timeout=30, what="the launch to fail")
+    pinned = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "other.pub")], check=True,
+                            capture_output=True, text=True).stdout.split()[1]
+    assert pinned in detail
+    assert detail.count("SHA256:") >= 2
+    assert cluster.host_name in detail
+
+
+def test_a_missing_agent_environment_is_reported(hpcd, ssh_server, remote_home):
+    cluster = make_cluster(ssh_server, os.path.join(remote_home, "no-such-agent"),
+                           key=read_key(ssh_server, "id_ed25519"))
+    cluster.try_connect()
+
+    def failed():
+        cluster.refresh_from_db()
+        return "retrying in" in cluster.status_detail and cluster.status_detail
+
+    assert "no-such-agent" in wait_for(failed, timeout=30)
+
+
+def test_credentials_are_encrypted_at_rest_and_survive_key_rotation(
+        hpcd, ssh_server, remote_agent_dir, settings):
+    from django.db import connection
+
+    secret_key = read_key(ssh_server, "id_ecdsa")
+    cluster = make_cluster(ssh_server, remote_agent_dir, key=secret_key, password="ecdsa-pass")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT key, password FROM djangoapp_hpccluster WHERE id = %s",
+                       [cluster.pk])
+        stored_key, stored_password = cursor.fetchone()
+    assert stored_key.startswith("fernet:") and "PRIVATE KEY" not in stored_key
+    assert "ecdsa-pass" not in stored_password
+    # Rotation: a new first key, the old one kept to decrypt, then dropped.
+    old_keys = list(settings.HPC_CREDENTIAL_KEYS)
+    new_key = crypto.generate_key()
+    settings.HPC_CREDENTIAL_KEYS = [new_key, *old_keys]
+    call_command("hpc_rotate_credentials", stdout=open(os.devnull, "w"))
+    settings.HPC_CREDENTIAL_KEYS = [new_key]
+    rotated = HpcCluster.objects.get(pk=cluster.pk)
+    assert rotated.key == secret_key and rotated.password == "ecdsa-pass"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT key FROM djangoapp_hpccluster WHERE id = %s", [cluster.pk])
+        assert cursor.fetchone()[0] != stored_key
+
+
+def test_get_ssh_connection_runs_commands_through_hpcd(hpcd, ssh_server, remote_agent_dir):
+    cluster = make_cluster(ssh_server, remote_agent_dir, password=ssh_server["password"])
+    with cluster.get_ssh_connection() as shell:
+        result = shell.exec_command("id -un; echo oops >&2; exit 4")
+        assert result.exit_status == 4
+        assert result.stdout.decode().strip() == ssh_server["user"]
+        assert result.stderr == b"oops\n"
+        big = os.urandom(300_000)
+        assert shell.exec_command("cat", stdin=big).stdout == big
+    from hpcd.commands import NotFound
+
+    with pytest.raises(NotFound):
+        shell.exec_command("true")
+
+
+def test_host_keys_are_fetched_then_pinned(hpcd, ssh_server, remote_agent_dir):
+    cluster = make_cluster(ssh_server, remote_agent_dir, password=ssh_server["password"])
+    cluster.host_key = ""
+    cluster.save()
+    keys = cluster.fetch_host_keys()
+    expected = subprocess.run(["ssh-keygen", "-lf", ssh_server["host_keys"]], check=True,
+                              capture_output=True, text=True).stdout
+    assert {k["fingerprint"] for k in keys} == {line.split()[1]
+                                                for line in expected.splitlines()}
+    cluster.pin_host_keys(keys)
+    assert connect_and_run_a_job(cluster) == ssh_server["user"]
+
+
+def test_hpc_install_agent_makes_a_working_agent_directory(hpcd, ssh_server, remote_home,
+                                                           shared_venv):
+    user = ssh_server["user"]
+    path = os.path.join(remote_home, f"installed-{uuid.uuid4().hex[:8]}")
+    cluster = make_cluster(ssh_server, path, key=read_key(ssh_server, "id_rsa"),
+                           password="rsa-pass")
+    out = open(os.devnull, "w")
+    try:
+        call_command("hpc_install_agent", str(cluster.pk), stdout=out)
+        for name in ("venv/bin/python", "settings.py", "log", "jobs"):
+            assert os.path.exists(os.path.join(path, name)), name
+        assert os.stat(os.path.join(path, "settings.py")).st_uid == pwd.getpwnam(user).pw_uid
+        # Running it again upgrades in place and keeps settings.py.
+        with open(os.path.join(path, "settings.py"), "a") as f:
+            f.write("\nHPC_RECONNECT_SECONDS = 31\n")
+        call_command("hpc_install_agent", str(cluster.pk), stdout=out)
+        assert "HPC_RECONNECT_SECONDS = 31" in open(os.path.join(path, "settings.py")).read()
+        assert connect_and_run_a_job(cluster) == user
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", user, "-f", path], check=False)
+        shutil.rmtree(path, ignore_errors=True)
