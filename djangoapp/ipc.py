@@ -95,7 +95,7 @@ def _timeout():
     return float(hpc_settings.HPC_IPC_TIMEOUT)
 
 
-def call(command, timeout=None, **arguments):
+def call(command, /, timeout=None, **arguments):
     """Send one command and return its response as a dict.
 
     ``timeout`` (seconds) replaces ``HPC_IPC_TIMEOUT`` for this call, for
@@ -135,7 +135,7 @@ def call(command, timeout=None, **arguments):
             raise HpcdUnavailable(f"talking to hpcd failed: {e}") from None
 
 
-def open_stream(command, **arguments):
+def open_stream(command, /, **arguments):
     """Send a protocol-switching command on a connection of its own.
 
     Returns ``(response, chunks)`` where ``chunks`` yields the raw bytes that

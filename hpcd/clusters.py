@@ -150,7 +150,7 @@ class ClusterLink:
         self.failures += 1
         delay = min(self._max_backoff, 2.0 * 2 ** (self.failures - 1))
         delay *= random.uniform(0.8, 1.2)  # clusters failing together spread out
-        self._manager.report(self, f"{why}; retrying in {delay:.0f} s "
+        self._manager.report(self, f"{why.rstrip('.')}; retrying in {delay:.0f} s "
                                    f"(attempt {self.failures})")
         self._set_timer(delay)
 

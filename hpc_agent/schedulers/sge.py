@@ -155,7 +155,10 @@ class SGE(BatchScheduler):
     def qstat(cls):
         """``{job number: (name, [(task or None, JobState), ...])}`` for the user's jobs."""
         user = pwd.getpwuid(os.geteuid()).pw_name
-        root = ElementTree.fromstring(cls.call(["qstat", "-xml", "-u", user]))
+        try:
+            root = ElementTree.fromstring(cls.call(["qstat", "-xml", "-u", user]))
+        except ElementTree.ParseError as e:
+            raise SchedulerError(f"qstat -xml printed XML that does not parse: {e}") from None
         jobs = {}
         for entry in root.iter("job_list"):
             state = sge_live_state(entry.findtext("state", ""))

@@ -162,7 +162,7 @@ def test_password_login_launches_an_agent_and_hides_the_token(hpcd, ssh_server,
 
 
 @pytest.mark.parametrize("credentials, expected", [
-    ({"password": "wrong-password"}, "auth"),
+    ({"password": "wrong-password"}, "refused the login"),
     ({"key": "id_ecdsa", "password": "wrong-passphrase"}, "passphrase"),
 ])
 def test_wrong_credentials_are_refused_with_the_reason(hpcd, ssh_server, remote_agent_dir,
