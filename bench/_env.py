@@ -1,0 +1,60 @@
+"""A running hpcd, a local agent and a connected cluster, for the benchmarks.
+
+Uses the test suite's harness and settings (SQLite by default, or
+PostgreSQL with HPC_TEST_DB=postgres) in a temporary directory.
+"""
+
+import contextlib
+import os
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(REPO, "tests"), REPO]
+
+
+@contextlib.contextmanager
+def local_cluster():
+    with tempfile.TemporaryDirectory(prefix="hpc-bench-") as tmp:
+        os.environ.setdefault("HPC_TEST_SQLITE", os.path.join(tmp, "db.sqlite3"))
+        os.environ["HPC_IPC_UNIX_SOCKET"] = os.path.join(tmp, "hpcd.sock")
+        os.environ["DJANGO_SETTINGS_MODULE"] = "testsettings"
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+        from django.db import connection
+
+        if os.environ.get("HPC_TEST_DB") == "postgres":
+            connection.creation.create_test_db(verbosity=0, autoclobber=True)
+        call_command("migrate", verbosity=0)
+        from djangoapp.models import HpcCluster
+        from harness import Hpcd, kill_agent, make_agent_dir, wait_for
+
+        daemon = Hpcd(tmp).start()
+        agent = make_agent_dir(os.path.join(tmp, "agent"))
+        try:
+            cluster = HpcCluster.objects.create(host_name="localhost", client_path=agent)
+            cluster.try_connect()
+            wait_for(cluster.is_connected, what="the agent")
+            yield cluster, daemon, agent
+        finally:
+            daemon.stop()
+            kill_agent(agent)
+
+
+def rss_mib(pid):
+    """Resident memory of a process, MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
