@@ -5,6 +5,7 @@ import sys
 
 from twisted.logger import (FilteringLogObserver, Logger, LogLevel,
                             LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver)
+from twisted.python.logfile import LogFile
 from twisted.python.threadpool import ThreadPool
 
 from hpc_agent import __version__, lock
@@ -29,8 +30,10 @@ def nvx_active():
 
 
 def _start_logging(settings):
-    path = os.path.join(settings.HPC_LOG_DIRECTORY, "agent.log")
-    observer = textFileLogObserver(open(path, "a", encoding="utf-8"))
+    # Rotated at 10 MB, five old files kept: agents run for months.
+    logfile = LogFile("agent.log", settings.HPC_LOG_DIRECTORY, rotateLength=10_000_000,
+                      maxRotatedFiles=5)
+    observer = textFileLogObserver(logfile)
     level = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [level])],
                                      redirectStandardIO=False)
