@@ -52,7 +52,10 @@ class _Connection:
         while len(self._buffer) < n:
             chunk = self.sock.recv(max(65536, n - len(self._buffer)))
             if not chunk:
-                raise ConnectionResetError("hpcd closed the connection")
+                # The request went out and hpcd may have acted on it: not a
+                # dead cached connection, so call() must not send it again.
+                raise HpcdUnavailable("hpcd closed the connection before answering; "
+                                      "the command may or may not have been carried out")
             self._buffer += chunk
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
@@ -115,6 +118,10 @@ def call(command, /, timeout=None, **arguments):
         try:
             connection.sock.settimeout(timeout or _timeout())
             return _ask(connection, command, arguments)
+        except HpcdUnavailable:
+            connection.close()
+            _local.connection = None
+            raise
         except HpcdError:
             raise
         except (BrokenPipeError, ConnectionResetError) as e:
@@ -128,7 +135,7 @@ def call(command, /, timeout=None, **arguments):
             connection.close()
             _local.connection = None
             raise HpcdUnavailable(
-                f"hpcd did not answer within {timeout or _timeout():.0f} s") from None
+                f"hpcd did not answer within {timeout or _timeout():g} s") from None
         except OSError as e:
             connection.close()
             _local.connection = None

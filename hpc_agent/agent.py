@@ -48,6 +48,7 @@ class AgentCore:
         self._send = None
         self._welcomed = False
         self._sent_upto = 0
+        self._sent_at = {}  # seq -> when it was last sent, until acknowledged
         self._last_ack = 0.0
         self._locks = {}
         self._submit_failures = {}
@@ -80,6 +81,7 @@ class AgentCore:
         self._send = send
         self._welcomed = False
         self._sent_upto = 0
+        self._sent_at = {}
         send(wire.encode(
             "hello", protocol=wire.PROTOCOL_VERSION, agent_version=__version__,
             scheduler=self.settings.HPC_SCHEDULER_CLASS, hostname=platform.node(),
@@ -117,6 +119,8 @@ class AgentCore:
 
     def _on_ack(self, message):
         self.state.acknowledge(message["seqs"])
+        for seq in message["seqs"]:
+            self._sent_at.pop(seq, None)
         self._last_ack = self.reactor.seconds()
 
     def _on_error(self, message):
@@ -204,7 +208,11 @@ class AgentCore:
     def _resume_submit(self, job_id, parameters):
         found = yield self.in_thread(self.scheduler_class.find_submitted, self.settings,
                                      [job_id])
-        if found is None:
+        if found is None and job_id in self._submit_failures:
+            # This agent saw the last attempt fail (no crash in between): the
+            # scheduler refused it, so trying again cannot run it twice.
+            yield self._submit(job_id, parameters)
+        elif found is None:
             self._record(job_id, JobStatus.ERROR,
                          "the agent stopped while submitting this job and the scheduler "
                          "cannot tell whether it took it; not resubmitted to avoid running "
@@ -263,7 +271,8 @@ class AgentCore:
     def _on_list_files(self, message):
         try:
             listing = yield self.in_thread(files.list_files, self._roots(message["job"]),
-                                           message["path"], message["recursive"])
+                                           message["path"], message["recursive"],
+                                           message["job"] is not None)
         except files.PathRefused as e:
             raise RequestFailed("path_refused", str(e))
         return {"files": listing}
@@ -272,7 +281,8 @@ class AgentCore:
     def _on_fetch_file(self, message):
         job_id = message["job"]
         try:
-            path = yield self.in_thread(files.resolve, self._roots(job_id), message["path"])
+            path = yield self.in_thread(files.resolve, self._roots(job_id), message["path"],
+                                        job_id is not None)
             if path.is_dir():
                 raise files.PathRefused(f"{message['path']!r} is a directory")
             handle = yield self.in_thread(open, path, "rb")
@@ -300,14 +310,15 @@ class AgentCore:
         if not self._welcomed:
             return
         now = self.reactor.seconds()
-        if self._sent_upto and now - max(self._last_ack, self._sent_at) > RESEND_SECONDS:
-            self._sent_upto = 0  # nothing acknowledged for a while: send again
+        overdue = [s for s, at in self._sent_at.items() if now - at > RESEND_SECONDS]
+        if overdue:
+            # Sent but never acknowledged (hpcd's write failed, say): send
+            # again from the oldest such update, however busy the link is.
+            self._sent_upto = min(self._sent_upto, min(overdue) - 1)
         for update in self.state.pending_updates(after=self._sent_upto):
             self._transmit(wire.encode("update", **update))
             self._sent_upto = update["seq"]
-            self._sent_at = now
-
-    _sent_at = 0.0
+            self._sent_at[update["seq"]] = now
 
     # -- polling -------------------------------------------------------------
 

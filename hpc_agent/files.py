@@ -18,17 +18,22 @@ def _inside(path, root):
     return path == root or root in path.parents
 
 
-def resolve(roots, path):
+def resolve(roots, path, job_relative=None):
     """The real path of ``path`` inside one of ``roots``, or PathRefused.
 
-    A relative path (a leading ``/`` is ignored) is taken from the first
-    root; an absolute one must fall inside any root.
+    A relative path is taken from the first root.  An absolute one must fall
+    inside any root, except for a job's files (``job_relative``), where a
+    leading ``/`` is ignored.  ``job_relative=None`` guesses from the roots
+    (one root: a job), which the agent must not rely on: without a job and
+    without extra roots there is one root too.
     """
     real_roots = [Path(os.path.realpath(r)) for r in roots]
     if "\0" in path:
         raise PathRefused("the path contains a NUL byte")
     candidate = Path(path)
-    if not candidate.is_absolute() or len(real_roots) == 1:
+    if job_relative is None:
+        job_relative = len(real_roots) == 1
+    if not candidate.is_absolute() or job_relative:
         candidate = real_roots[0] / path.lstrip("/")
     resolved = Path(os.path.realpath(candidate))
     if not any(_inside(resolved, root) for root in real_roots):
@@ -38,7 +43,7 @@ def resolve(roots, path):
     return resolved
 
 
-def list_files(roots, path, recursive):
+def list_files(roots, path, recursive, job_relative=None):
     """``[[relative path, is_dir, size], ...]`` below ``path``.
 
     Paths are relative to the first root.  Symlinks are listed as what they
@@ -46,7 +51,7 @@ def list_files(roots, path, recursive):
     so a listing never reveals anything a fetch would refuse.
     """
     real_roots = [Path(os.path.realpath(r)) for r in roots]
-    top = resolve(roots, path)
+    top = resolve(roots, path, job_relative)
     base = real_roots[0]
     if not top.is_dir():
         return [[_relative(top, base), False, top.stat().st_size]]

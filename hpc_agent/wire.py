@@ -181,7 +181,8 @@ def decode(payload, accept=None, max_size=MAX_CONTROL_MESSAGE):
     try:
         if isinstance(payload, (bytes, bytearray)):
             payload = bytes(payload).decode("utf-8")
-        message = json.loads(payload, parse_constant=_refuse_constant)
+        message = json.loads(payload, parse_constant=_refuse_constant,
+                             parse_float=_parse_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolError("bad_frame", f"not valid UTF-8 JSON: {str(e)[:200]}") from None
     return _check(message, accept)
@@ -192,7 +193,15 @@ def _refuse_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def encode(mtype, **fields):
+def _parse_float(text):
+    # 1e400 is valid JSON syntax but overflows to inf, which encode() refuses.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def encode(mtype, /, **fields):
     """Build one frame as UTF-8 bytes, validating it like a receiver would."""
     message = {"type": mtype, **fields}
     _check(message, None)

@@ -227,7 +227,7 @@ class AgentSession:
         def expire(d, _):
             self._pending.pop(request_id, None)
             raise Timeout(f"the agent of cluster {self.cluster_id} did not answer "
-                          f"{mtype} within {timeout:.0f} s")
+                          f"{mtype} within {timeout:g} s")
 
         d = defer.Deferred()
         d.addTimeout(timeout, self.daemon.reactor, onTimeoutCancel=expire)

@@ -148,8 +148,10 @@ class ClusterLink:
 
     def _failed(self, why):
         self.failures += 1
-        delay = min(self._max_backoff, 2.0 * 2 ** (self.failures - 1))
+        # The exponent is bounded: 2.0 * 2 ** 1024 overflows a float.
+        delay = 2.0 * 2 ** min(self.failures - 1, 32)
         delay *= random.uniform(0.8, 1.2)  # clusters failing together spread out
+        delay = min(delay, self._max_backoff * random.uniform(0.8, 1.0))
         self._manager.report(self, f"{why.rstrip('.')}; retrying in {delay:.0f} s "
                                    f"(attempt {self.failures})")
         self._set_timer(delay)

@@ -160,7 +160,7 @@ class Transfers:
         except defer.TimeoutError:
             transfer.fail("timed out")
             raise Timeout(f"the agent of cluster {session.cluster_id} did not start sending "
-                          f"{path!r} within {timeout:.0f} s") from None
+                          f"{path!r} within {timeout:g} s") from None
         except HpcdError:
             transfer.fail("refused")
             raise

@@ -1,0 +1,197 @@
+"""The agent's durable state: jobs and the outbox (hpc_agent.state, SQLite in a temp file)."""
+
+import pytest
+
+from hpc_agent.state import AgentState, is_final
+from hpc_agent.status import JobStatus as S
+
+
+class FakeClock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "state.sqlite3")
+
+
+@pytest.fixture
+def state(path):
+    s = AgentState(path, clock=FakeClock())
+    yield s
+    s.close()
+
+
+def statuses(state):
+    return [(u["job"], S(u["status"])) for u in state.pending_updates()]
+
+
+def test_record_submitting_writes_the_job_but_no_update(state):
+    state.record_submitting(7, {"script": "true"})
+    job = state.get(7)
+    assert (job.job, job.status, job.scheduler_id, job.parameters) == \
+        (7, S.SUBMITTING, None, {"script": "true"})
+    assert state.outbox_size() == 0
+
+
+def test_recording_a_job_twice_is_refused(state):
+    state.record_submitting(7, {})
+    with pytest.raises(Exception):
+        state.record_submitting(7, {})
+    assert state.get(7).status == S.SUBMITTING
+
+
+def test_status_changes_go_to_the_outbox_in_order_with_increasing_seqs(state):
+    state.record_submitting(7, {"script": "true"})
+    seqs = [state.set_status(7, S.SUBMITTED, scheduler_id="42"),
+            state.set_status(7, S.RUNNING),
+            state.set_status(7, S.COMPLETED, "done")]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    updates = state.pending_updates()
+    assert [u["seq"] for u in updates] == seqs
+    assert [(S(u["status"]), u["detail"], u["scheduler_id"]) for u in updates] == [
+        (S.SUBMITTED, "", "42"), (S.RUNNING, "", "42"), (S.COMPLETED, "done", "42")]
+    assert [u["at"] for u in updates] == sorted(u["at"] for u in updates)
+    job = state.get(7)
+    assert (job.status, job.detail, job.scheduler_id) == (S.COMPLETED, "done", "42")
+
+
+def test_updates_have_exactly_the_wire_update_fields(state):
+    from hpc_agent import wire
+
+    state.record_submitting(7, {})
+    state.set_status(7, S.SUBMITTED, scheduler_id="42")
+    (update,) = state.pending_updates()
+    assert wire.decode(wire.encode("update", **update))["job"] == 7
+
+
+def test_set_status_without_a_change_writes_nothing(state):
+    state.record_submitting(7, {})
+    assert state.set_status(7, S.SUBMITTED, "", "42") is not None
+    assert state.set_status(7, S.SUBMITTED, "", "42") is None
+    assert state.set_status(7, S.SUBMITTED, "") is None  # scheduler id kept from before
+    assert state.outbox_size() == 1
+
+
+def test_a_new_detail_in_the_same_state_is_an_update(state):
+    state.record_submitting(7, {})
+    state.set_status(7, S.QUEUED, "waiting for resources")
+    assert state.set_status(7, S.QUEUED, "waiting for priority") is not None
+    assert [u["detail"] for u in state.pending_updates()] == [
+        "waiting for resources", "waiting for priority"]
+
+
+@pytest.mark.parametrize("old,new", [
+    (S.COMPLETED, S.RUNNING), (S.RUNNING, S.QUEUED), (S.CANCELLED, S.COMPLETED),
+    (S.CANCELLING, S.RUNNING), (S.SUBMITTED, S.SUBMITTING),
+])
+def test_set_status_refuses_transitions_the_table_forbids(state, old, new):
+    state.set_status(7, old)
+    before = state.outbox_size()
+    assert state.set_status(7, new, "late report") is None
+    assert state.get(7).status == old
+    assert state.outbox_size() == before
+
+
+def test_acknowledged_updates_leave_the_outbox_and_others_stay(state):
+    state.record_submitting(7, {})
+    a = state.set_status(7, S.SUBMITTED, scheduler_id="1")
+    b = state.set_status(7, S.RUNNING)
+    c = state.set_status(7, S.COMPLETED)
+    state.acknowledge([a, c, 999])  # an unknown seq is harmless
+    assert [u["seq"] for u in state.pending_updates()] == [b]
+    state.acknowledge([b])
+    assert state.outbox_size() == 0 and state.pending_updates() == []
+
+
+def test_pending_updates_pages_with_after_and_limit(state):
+    seqs = [state.set_status(job, S.CANCELLED) for job in range(1, 8)]
+    first = state.pending_updates(limit=3)
+    assert [u["seq"] for u in first] == seqs[:3]
+    rest = state.pending_updates(after=first[-1]["seq"], limit=3)
+    assert [u["seq"] for u in rest] == seqs[3:6]
+    assert [u["seq"] for u in state.pending_updates(after=rest[-1]["seq"])] == seqs[6:]
+    assert state.pending_updates(after=seqs[-1]) == []
+
+
+def test_seqs_are_never_reused_after_acknowledgement(state):
+    a = state.set_status(1, S.CANCELLED)
+    state.acknowledge([a])
+    assert state.set_status(2, S.CANCELLED) > a
+
+
+def test_state_survives_closing_and_reopening_the_file(path):
+    s = AgentState(path)
+    s.record_submitting(7, {"script": "echo hi"})
+    s.set_status(7, S.SUBMITTED, scheduler_id="42")
+    s.set_status(8, S.CANCELLED, "cancelled before submission")
+    s.set_meta("resume", "token")
+    seq = s.set_status(7, S.RUNNING)
+    s.close()
+    again = AgentState(path)
+    try:
+        assert (again.get(7).status, again.get(7).scheduler_id, again.get(7).parameters) == \
+            (S.RUNNING, "42", {"script": "echo hi"})
+        assert [(u["job"], S(u["status"])) for u in again.pending_updates()] == [
+            (7, S.SUBMITTED), (8, S.CANCELLED), (7, S.RUNNING)]
+        assert again.get_meta("resume") == "token"
+        assert again.set_status(7, S.COMPLETED) > seq
+    finally:
+        again.close()
+
+
+def test_set_status_for_an_unknown_job_creates_a_tombstone(state):
+    seq = state.set_status(99, S.CANCELLED, "cancelled before submission")
+    assert seq is not None
+    job = state.get(99)
+    assert (job.status, job.detail, job.scheduler_id, job.parameters) == \
+        (S.CANCELLED, "cancelled before submission", None, None)
+    assert statuses(state) == [(99, S.CANCELLED)]
+
+
+def test_active_jobs_lists_only_unfinished_jobs_in_job_order(state):
+    state.record_submitting(3, {})
+    state.set_status(1, S.RUNNING, scheduler_id="a")
+    state.set_status(2, S.COMPLETED)
+    state.set_status(4, S.CANCELLING)
+    state.set_status(5, S.DELETED)
+    assert [(j.job, j.status) for j in state.active_jobs()] == [
+        (1, S.RUNNING), (3, S.SUBMITTING), (4, S.CANCELLING)]
+
+
+def test_get_of_an_unknown_job_is_none(state):
+    assert state.get(12345) is None
+
+
+def test_meta_values_default_and_replace(state):
+    assert state.get_meta("x", "default") == "default"
+    state.set_meta("x", "1")
+    state.set_meta("x", "2")
+    assert state.get_meta("x") == "2"
+
+
+def test_a_failed_transaction_leaves_nothing_behind(state):
+    state.record_submitting(7, {})
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with state._transaction() as db:
+            db.execute("UPDATE jobs SET status = 50 WHERE job = 7")
+            db.execute("INSERT INTO outbox (job, status, detail, at) VALUES (7, 50, '', 0)")
+            raise Boom()
+    assert state.get(7).status == S.SUBMITTING and state.outbox_size() == 0
+
+
+@pytest.mark.parametrize("status,final", [
+    (S.COMPLETED, True), (S.ERROR, True), (S.CANCELLED, True), (S.DELETED, True),
+    (S.DELETING, False), (S.RUNNING, False), (S.CANCELLING, False),
+])
+def test_is_final_says_when_polling_stops(status, final):
+    assert is_final(status) is final
