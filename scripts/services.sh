@@ -28,7 +28,8 @@
 #
 # sshd, slurm and sge share the test user hpcuser (password hpc-test-password), created if missing.
 #
-# State (configs, logs, pidfiles, keys, spool) lives under ${HPC_SERVICES_DIR:-<repo>/var/services},
+# State (configs, logs, pidfiles, keys, spool) lives under
+# ${HPC_SERVICES_DIR:-/var/tmp/hpc-job-controller/services},
 # which must be world-traversable (slurm, munge and postgres run as their own users) and free of
 # spaces. What cannot live there: /etc/slurm/slurm.conf and slurmdbd.conf (every Slurm client reads
 # them from there), /run/munge and /run/sshd (fixed by the daemons), SGE's cell and spool under
@@ -47,7 +48,9 @@ set -Eeuo pipefail
 umask 022
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-STATE=$(realpath -m "${HPC_SERVICES_DIR:-$REPO_ROOT/var/services}")
+# One state directory per machine, not per checkout: the services are the
+# machine's (fixed ports, /etc/slurm), so every clone must see the same ones.
+STATE=$(realpath -m "${HPC_SERVICES_DIR:-/var/tmp/hpc-job-controller/services}")
 ENV_FILE=$STATE/env.sh
 APT_LOG=$STATE/apt.log
 ALL_SERVICES=(postgres sshd slurm sge)

@@ -261,3 +261,21 @@ def wait_status(job, statuses, timeout=20.0):
 
 def job_dir(cluster, job):
     return os.path.join(cluster.client_path, "jobs", str(job.pk))
+
+
+#: Where scripts/services.sh describes the services it started.
+SERVICES_ENV = os.path.join(
+    os.environ.get("HPC_SERVICES_DIR", "/var/tmp/hpc-job-controller/services"), "env.sh")
+
+
+def services_environment():
+    """The test services' variables: the environment's, else services' env.sh."""
+    import subprocess as _subprocess
+
+    if not os.path.exists(SERVICES_ENV):
+        return dict(os.environ)
+    # env.sh is shell: let the shell read it.
+    dumped = _subprocess.run(["bash", "-c", f'set -a; . "{SERVICES_ENV}"; env -0'],
+                             check=True, capture_output=True).stdout.decode()
+    found = dict(item.split("=", 1) for item in dumped.split("\0") if "=" in item)
+    return {**found, **os.environ}

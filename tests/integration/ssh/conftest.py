@@ -1,7 +1,7 @@
 """Fixtures for tests against the loopback OpenSSH server.
 
 Where the server is: the HPC_TEST_SSH_* environment variables, or else
-var/services/env.sh as written by scripts/services.sh. Without either, or
+the env.sh scripts/services.sh writes. Without either, or
 when nothing listens there, the tests skip and say why.
 
 The reactor: a private reactor instance (never the global one) runs in a
@@ -23,25 +23,14 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.selectreactor import SelectReactor
 
+from harness import SERVICES_ENV, services_environment
 from hpcd.ssh import SSHTarget
 
-ENV_FILE = Path(__file__).resolve().parents[3] / "var" / "services" / "env.sh"
 NAMES = ("HOST", "PORT", "USER", "PASSWORD", "KEYS", "HOST_KEYS")
 
 
 def _ssh_settings() -> dict | None:
-    if all(f"HPC_TEST_SSH_{name}" in os.environ for name in NAMES):
-        environment = os.environ
-    elif ENV_FILE.exists():
-        # env.sh is shell: let the shell read it.
-        dumped = subprocess.run(
-            ["bash", "-c", f'set -a; . "{ENV_FILE}"; env -0'],
-            check=True,
-            capture_output=True,
-        ).stdout.decode()
-        environment = dict(item.split("=", 1) for item in dumped.split("\0") if "=" in item)
-    else:
-        return None
+    environment = services_environment()
     if not all(f"HPC_TEST_SSH_{name}" in environment for name in NAMES):
         return None
     return {name.lower(): environment[f"HPC_TEST_SSH_{name}"] for name in NAMES}
@@ -52,7 +41,7 @@ def ssh_server():
     """host, port, user, password, keys (dir), host_keys (file) of the sshd."""
     found = _ssh_settings()
     if found is None:
-        pytest.skip(f"no test sshd: set HPC_TEST_SSH_* or run scripts/services.sh ({ENV_FILE})")
+        pytest.skip(f"no test sshd: set HPC_TEST_SSH_* or run scripts/services.sh ({SERVICES_ENV})")
     found["port"] = int(found["port"])
     try:
         socket.create_connection((found["host"], found["port"]), timeout=3).close()
