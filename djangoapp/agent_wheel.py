@@ -36,7 +36,7 @@ def build():
                 arcname = os.path.join("hpc_agent", os.path.relpath(path, package_dir))
                 with open(path, "rb") as f:
                     files[arcname.replace(os.sep, "/")] = f.read()
-    metadata = [f"Metadata-Version: 2.1", f"Name: {NAME.replace('_', '-')}",
+    metadata = ["Metadata-Version: 2.1", f"Name: {NAME.replace('_', '-')}",
                 f"Version: {version}", "Summary: The hpc-job-controller cluster agent",
                 "Requires-Python: >=3.10", *(f"Requires-Dist: {r}" for r in REQUIRES)]
     files[f"{dist_info}/METADATA"] = ("\n".join(metadata) + "\n").encode()

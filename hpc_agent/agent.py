@@ -7,9 +7,8 @@ recording ``send`` and a fake clock.
 """
 
 import platform
-import time
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from hpc_agent import __version__, files, wire

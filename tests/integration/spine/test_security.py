@@ -8,7 +8,7 @@ import pytest
 
 from djangoapp import ipc
 from djangoapp.models import HpcCluster, HpcJob, JobStatus, WebsocketToken
-from harness import RawWebsocket, wait_for, websocket_port
+from harness import RawWebsocket, websocket_port
 from hpcd import commands
 
 

@@ -13,9 +13,7 @@ or runs the global reactor; hpcd.ssh takes its reactor as an argument anyway.
 """
 
 import concurrent.futures
-import os
 import socket
-import subprocess
 import threading
 from pathlib import Path
 
