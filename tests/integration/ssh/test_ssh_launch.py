@@ -290,3 +290,43 @@ def test_hpc_install_agent_makes_a_working_agent_directory(hpcd, ssh_server, rem
     finally:
         subprocess.run(["pkill", "-KILL", "-u", user, "-f", path], check=False)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_admin_shows_fingerprints_before_pinning(hpcd, ssh_server, remote_agent_dir):
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    User.objects.create_superuser("admin", "admin@example.org", "pw")
+    client = Client()
+    client.login(username="admin", password="pw")
+    cluster = make_cluster(ssh_server, remote_agent_dir, password=ssh_server["password"])
+    cluster.host_key = ""
+    cluster.save()
+    page = client.post("/admin/djangoapp/hpccluster/", {
+        "action": "pin_host_keys", "_selected_action": [cluster.pk]})
+    html = page.content.decode()
+    expected = subprocess.run(["ssh-keygen", "-lf", ssh_server["host_keys"]], check=True,
+                              capture_output=True, text=True).stdout
+    for line in expected.splitlines():
+        assert line.split()[1] in html
+    cluster.refresh_from_db()
+    assert cluster.host_key == ""  # nothing pinned before the admin confirms
+    lines = [k["line"] for k in cluster.fetch_host_keys()]
+    client.post("/admin/djangoapp/hpccluster/", {
+        "action": "pin_host_keys", "_selected_action": [cluster.pk], "confirm": "yes",
+        f"key-{cluster.pk}": lines})
+    cluster.refresh_from_db()
+    assert sorted(cluster.host_key.split("\n")[:-1]) == sorted(lines)
+
+
+def test_hpcd_logs_no_credential(hpcd, ssh_server, remote_agent_dir):
+    cluster = make_cluster(ssh_server, remote_agent_dir, key=read_key(ssh_server, "id_ecdsa"),
+                           password="ecdsa-pass")
+    connect_and_run_a_job(cluster)
+    bad = make_cluster(ssh_server, remote_agent_dir, password="a-wrong-password-123")
+    bad.try_connect()
+    wait_for(lambda: HpcCluster.objects.get(pk=bad.pk).status_detail.find("retrying") >= 0,
+             timeout=30)
+    log = hpcd.log()
+    assert "ecdsa-pass" not in log and "a-wrong-password-123" not in log
+    assert "PRIVATE KEY" not in log and read_key(ssh_server, "id_ecdsa").splitlines()[1] not in log
