@@ -87,7 +87,7 @@ HPC_LOG_DIRECTORY = "log"
 HPC_WEBSOCKET_SERVER = None
 
 # The scheduler class: hpc_agent.schedulers.local.Local (processes on this
-# host), .slurm.Slurm, .sge.SGE or .pbs.PBS, or a subclass of your own
+# host), .slurm.Slurm, .sge.SGE, .pbs.PBS (PBS Pro) or .pbs.Torque, or a subclass of your own
 # (put it next to this file and name it here).
 HPC_SCHEDULER_CLASS = "hpc_agent.schedulers.local.Local"
 

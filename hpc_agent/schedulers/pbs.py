@@ -26,7 +26,7 @@ import pwd
 import re
 
 from hpc_agent.schedulers.base import InvalidParameters, JobState, SchedulerError
-from hpc_agent.schedulers.slurm import (
+from hpc_agent.schedulers.batch import (
     BatchScheduler, aggregate, array_indices, as_single_range, compact, error_text,
     exit_detail, parse_array, parse_time, tag_of)
 from hpc_agent.status import JobStatus
@@ -79,6 +79,8 @@ class PBS(BatchScheduler):
     history_options = ("-x",)
     #: Whether ``qstat -F json`` is tried; cleared once qstat refuses it.
     json_output = True
+    #: Added to an array job's output names: each element's own file.
+    array_output_suffix = "-^array_index^"
     #: Negative Exit_status values that mean a limit was exceeded.
     limit_exit_statuses = {
         -29: (_S.WALL_TIME_EXCEEDED, "walltime exceeded"),
@@ -111,9 +113,6 @@ class PBS(BatchScheduler):
         if spec.array:
             args += self.array_arguments(spec.array)
         return args
-
-    #: Added to an array job's output names: each element's own file.
-    array_output_suffix = "-^array_index^"
 
     def per_node(self, spec):
         """``(nodes, tasks per node, cpus per node)``; tasks must fill nodes evenly."""

@@ -24,7 +24,7 @@ import re
 import xml.etree.ElementTree as ElementTree
 
 from hpc_agent.schedulers.base import InvalidParameters, JobState, SchedulerError
-from hpc_agent.schedulers.slurm import (
+from hpc_agent.schedulers.batch import (
     BatchScheduler, aggregate, array_indices, as_single_range, error_text, exit_detail,
     parse_array, parse_time, tag_of)
 from hpc_agent.status import JobStatus
