@@ -13,14 +13,20 @@ or runs the global reactor; hpcd.ssh takes its reactor as an argument anyway.
 """
 
 import concurrent.futures
+import os
+import pwd
+import shutil
 import socket
+import subprocess
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
 from twisted.internet import defer
 from twisted.internet.selectreactor import SelectReactor
 
+from djangoapp import agent_wheel
 from harness import SERVICES_ENV, services_environment
 from hpcd.ssh import SSHTarget
 
@@ -111,3 +117,54 @@ def make_target(ssh_server):
 def user_key(ssh_server):
     """The text of a private key from the test key directory, by file name."""
     return lambda name: (Path(ssh_server["keys"]) / name).read_text()
+
+
+def as_user(user, *argv, timeout=900):
+    return subprocess.run(["runuser", "-u", user, "--", *argv], check=True,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def remote_home(ssh_server):
+    if os.geteuid() != 0:
+        pytest.skip("preparing the test user's agent needs root")
+    return pwd.getpwnam(ssh_server["user"]).pw_dir
+
+
+@pytest.fixture(scope="session")
+def shared_venv(ssh_server, remote_home, tmp_path_factory):
+    """A venv owned by the test user with this agent installed (from the wheel)."""
+    user = ssh_server["user"]
+    venv = os.path.join(remote_home, ".hpc-test-venv")
+    if not os.path.exists(os.path.join(venv, "bin", "python")):
+        as_user(user, "/usr/bin/python3", "-m", "venv", venv)
+    name, data = agent_wheel.build()
+    wheel = os.path.join(remote_home, name)
+    with open(wheel, "wb") as f:
+        f.write(data)
+    shutil.chown(wheel, user)
+    as_user(user, f"{venv}/bin/python", "-m", "pip", "install", "--quiet",
+            "--disable-pip-version-check", "--force-reinstall", "--no-deps", wheel)
+    as_user(user, f"{venv}/bin/python", "-m", "pip", "install", "--quiet",
+            "--disable-pip-version-check", wheel)
+    return venv
+
+
+@pytest.fixture
+def remote_agent_dir(ssh_server, remote_home, shared_venv):
+    """A fresh agent directory in the test user's home, its venv the shared one."""
+    user = ssh_server["user"]
+    path = os.path.join(remote_home, f"agent-{uuid.uuid4().hex[:8]}")
+    as_user(user, "mkdir", path)
+    as_user(user, "ln", "-s", shared_venv, os.path.join(path, "venv"))
+    as_user(user, f"{shared_venv}/bin/python", "-m", "hpc_agent", "init", path)
+    with open(os.path.join(path, "settings.py"), "a") as f:
+        f.write("\nHPC_RECONNECT_SECONDS = 30\n")
+    yield path
+    subprocess.run(["pkill", "-KILL", "-u", user, "-f", f"{path}"], check=False)
+    lock = os.path.join(path, "agent.lock")
+    if os.path.exists(lock):
+        pid = open(lock).read().strip()
+        if pid.isdigit():
+            subprocess.run(["kill", "-9", pid], check=False)
+    shutil.rmtree(path, ignore_errors=True)

@@ -17,97 +17,12 @@ import uuid
 import pytest
 from django.core.management import call_command
 
-from djangoapp import agent_wheel, crypto
-from djangoapp.models import HpcCluster, HpcJob, JobStatus
-from harness import FINAL, wait_for, wait_status
+from djangoapp import crypto
+from djangoapp.models import HpcCluster
+from harness import wait_for
+from sshtools import connect_and_run_a_job, make_cluster, read_key
 
 pytestmark = pytest.mark.ssh
-
-
-def as_user(user, *argv, timeout=900):
-    return subprocess.run(["runuser", "-u", user, "--", *argv], check=True,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def remote_home(ssh_server):
-    if os.geteuid() != 0:
-        pytest.skip("preparing the test user's agent needs root")
-    return pwd.getpwnam(ssh_server["user"]).pw_dir
-
-
-@pytest.fixture(scope="session")
-def shared_venv(ssh_server, remote_home, tmp_path_factory):
-    """A venv owned by the test user with this agent installed (from the wheel)."""
-    user = ssh_server["user"]
-    venv = os.path.join(remote_home, ".hpc-test-venv")
-    if not os.path.exists(os.path.join(venv, "bin", "python")):
-        as_user(user, "/usr/bin/python3", "-m", "venv", venv)
-    name, data = agent_wheel.build()
-    wheel = os.path.join(remote_home, name)
-    with open(wheel, "wb") as f:
-        f.write(data)
-    shutil.chown(wheel, user)
-    as_user(user, f"{venv}/bin/python", "-m", "pip", "install", "--quiet",
-            "--disable-pip-version-check", "--force-reinstall", "--no-deps", wheel)
-    as_user(user, f"{venv}/bin/python", "-m", "pip", "install", "--quiet",
-            "--disable-pip-version-check", wheel)
-    return venv
-
-
-@pytest.fixture
-def remote_agent_dir(ssh_server, remote_home, shared_venv):
-    """A fresh agent directory in the test user's home, its venv the shared one."""
-    user = ssh_server["user"]
-    path = os.path.join(remote_home, f"agent-{uuid.uuid4().hex[:8]}")
-    as_user(user, "mkdir", path)
-    as_user(user, "ln", "-s", shared_venv, os.path.join(path, "venv"))
-    as_user(user, f"{shared_venv}/bin/python", "-m", "hpc_agent", "init", path)
-    with open(os.path.join(path, "settings.py"), "a") as f:
-        f.write("\nHPC_RECONNECT_SECONDS = 30\n")
-    yield path
-    subprocess.run(["pkill", "-KILL", "-u", user, "-f", f"{path}"], check=False)
-    lock = os.path.join(path, "agent.lock")
-    if os.path.exists(lock):
-        pid = open(lock).read().strip()
-        if pid.isdigit():
-            subprocess.run(["kill", "-9", pid], check=False)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def read_key(ssh_server, name):
-    with open(os.path.join(ssh_server["keys"], name)) as f:
-        return f.read()
-
-
-def host_keys(ssh_server):
-    with open(ssh_server["host_keys"]) as f:
-        return f.read()
-
-
-def make_cluster(ssh_server, client_path, **credentials):
-    return HpcCluster.objects.create(
-        host_name=ssh_server["host"], port=ssh_server["port"], username=ssh_server["user"],
-        host_key=host_keys(ssh_server), client_path=client_path, **credentials)
-
-
-def connect_and_run_a_job(cluster):
-    cluster.try_connect()
-
-    def online():
-        cluster.refresh_from_db()
-        return cluster.is_connected()
-
-    try:
-        wait_for(online, timeout=60, what="the agent to connect over SSH")
-    except AssertionError:
-        raise AssertionError(f"not connected: {cluster.status_detail}") from None
-    job = HpcJob.objects.create()
-    job.submit({"script": "id -un > who.txt"})
-    wait_status(job, FINAL, timeout=60)
-    assert job.status == JobStatus.COMPLETED, job.job_details
-    who = b"".join(job.fetch_remote_file("who.txt").streaming_content).decode().strip()
-    return who
 
 
 @pytest.mark.parametrize("key_name, passphrase", [
