@@ -7,6 +7,7 @@ DIR`` writes a commented one.
 
 import importlib
 import os
+import re
 import runpy
 
 DEFAULTS = {
@@ -34,9 +35,13 @@ DEFAULTS = {
     "HPC_TLS_CA_FILE": None,
     # Bytes per binary frame when sending a file.
     "HPC_FILE_CHUNK_SIZE": 1024 * 1024,
-    # Most scheduler commands (submit, poll, cancel) per minute: sites
-    # throttle users who hammer their scheduler.
+    # Most scheduler polls per minute: sites throttle users who hammer their
+    # scheduler.
     "HPC_SCHEDULER_COMMANDS_PER_MINUTE": 120,
+    # Jobs are named <prefix>-<job id> in the scheduler, which is how the
+    # agent finds a job again after a crash.  Installations sharing a cluster
+    # account need different prefixes (letters, digits, _).
+    "HPC_JOB_TAG_PREFIX": "hpc",
 }
 
 
@@ -54,6 +59,9 @@ class AgentSettings:
         for name in ("HPC_LOG_DIRECTORY", "HPC_JOB_WORKING_DIRECTORY", "HPC_STATE_FILE"):
             setattr(self, name, self.path(getattr(self, name)))
         self.HPC_ALLOWED_FILE_ROOTS = [self.path(p) for p in self.HPC_ALLOWED_FILE_ROOTS]
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", str(self.HPC_JOB_TAG_PREFIX)):
+            raise ValueError(f"HPC_JOB_TAG_PREFIX must be 1-32 letters, digits or _, "
+                             f"not {self.HPC_JOB_TAG_PREFIX!r}")
 
     @classmethod
     def load(cls, base_dir):
@@ -107,6 +115,15 @@ HPC_JOB_WORKING_DIRECTORY = "jobs"
 # CA bundle for verifying hpcd's certificate when the URL is wss://.
 # HPC_TLS_CA_FILE = None
 
-# Most scheduler commands per minute (polls, submits, cancels together).
+# Most scheduler polls per minute.
 # HPC_SCHEDULER_COMMANDS_PER_MINUTE = 120
+
+# Jobs are named <prefix>-<job id> in the scheduler.  Installations sharing
+# this cluster account need different prefixes.
+# HPC_JOB_TAG_PREFIX = "hpc"
+
+# Scheduler tools may need environment variables a non-interactive SSH
+# login does not set; set them here, e.g.:
+# import os
+# os.environ.setdefault("SGE_ROOT", "/opt/sge")
 '''

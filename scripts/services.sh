@@ -24,7 +24,7 @@
 #             HPC_SERVICES_SLURM_ACCOUNTING=jobcomp|slurmdbd forces one mode (default: auto); it
 #             takes effect when slurmctld is (re)started.
 #   sge       HPC_TEST_SGE=1 SGE_ROOT SGE_CELL HPC_TEST_SGE_QUEUE
-#             Son of Grid Engine qmaster + execd, queue all.q with 2 slots on this host.
+#             Son of Grid Engine qmaster + execd, queue all.q with 8 slots on this host.
 #
 # sshd, slurm and sge share the test user hpcuser (password hpc-test-password), created if missing.
 #
@@ -474,7 +474,10 @@ KillWait=5
 # a benchmark holds 5,000 jobs
 MaxJobCount=20000
 CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
-NodeName=$HOST_SHORT NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=1000 State=UNKNOWN
+# 8 job slots whatever the cores: the tests run several sleeping jobs at once
+# (config_overrides lets slurmd accept more CPUs than it counts)
+SlurmdParameters=config_overrides
+NodeName=$HOST_SHORT NodeAddr=127.0.0.1 CPUs=8 RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     chmod 644 "$SLURM_CONF"
@@ -760,7 +763,7 @@ EOF
     if ! qconf -sel 2>/dev/null | grep -qx "$HOST_SHORT"; then
         sge_qconf_edit "s/^hostname .*/hostname $HOST_SHORT/" -ae || die "sge: qconf -ae failed" "$SGE_DIR/qconf.log"
     fi
-    f="s/^hostlist .*/hostlist $HOST_SHORT/;s/^slots .*/slots 2/;s/^pe_list .*/pe_list NONE/"
+    f="s/^hostlist .*/hostlist $HOST_SHORT/;s/^slots .*/slots 8/;s/^pe_list .*/pe_list NONE/"
     if qconf -sq "$SGE_QUEUE" >/dev/null 2>&1; then
         sge_qconf_edit "$f" -mq "$SGE_QUEUE" || die "sge: qconf -mq $SGE_QUEUE failed" "$SGE_DIR/qconf.log"
     else

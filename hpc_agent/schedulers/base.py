@@ -150,8 +150,9 @@ class Scheduler:
 
     @property
     def tag(self):
-        """The name every built-in scheduler gives the job, to find it again."""
-        return f"hpc-{self.ui_id}"
+        """The name every built-in scheduler gives the job, to find it again:
+        ``<HPC_JOB_TAG_PREFIX>-<ui_id>``, by default ``hpc-12``."""
+        return f"{self.settings.HPC_JOB_TAG_PREFIX}-{self.ui_id}"
 
     def submit(self, parameters):
         """Submit the job; return the scheduler's id for it (a string)."""

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 
 import pytest
 
@@ -44,6 +45,11 @@ SCHEDULERS = {
 }
 
 
+def sge_environment():
+    return {**os.environ, **{k: v for k, v in services_environment().items()
+                             if k.startswith("SGE_")}}
+
+
 def jobs_named(kind, tag):
     """How many jobs the scheduler knows by this name (live and accounting)."""
     if kind == "slurm":
@@ -51,15 +57,23 @@ def jobs_named(kind, tag):
                               f"--name={tag}", "--starttime=now-1hour"],
                              capture_output=True, text=True, check=True).stdout
         return len(out.split())
-    env = {**os.environ, **{k: v for k, v in services_environment().items()
-                            if k.startswith("SGE_")}}
-    out = subprocess.run(["qacct", "-j", tag], capture_output=True, text=True, env=env).stdout
+    out = subprocess.run(["qacct", "-j", tag], capture_output=True, text=True,
+                         env=sge_environment()).stdout
     return sum(1 for line in out.splitlines() if line.startswith("jobnumber"))
+
+
+@pytest.fixture
+def no_leftovers(ssh_server):
+    """A failed test must not leave sleeping jobs holding the scheduler's slots."""
+    yield
+    user = ssh_server["user"]
+    subprocess.run(["scancel", "-u", user], capture_output=True)
+    subprocess.run(["qdel", "-u", user], capture_output=True, env=sge_environment())
 
 
 @pytest.mark.parametrize("kind", list(SCHEDULERS))
 def test_jobs_on_a_real_scheduler_through_the_whole_chain(hpcd, ssh_server, remote_agent_dir,
-                                                          kind):
+                                                          no_leftovers, kind):
     module, name, flag, walltime = SCHEDULERS[kind]
     environment = services_environment()
     if not environment.get(flag):
@@ -68,8 +82,11 @@ def test_jobs_on_a_real_scheduler_through_the_whole_chain(hpcd, ssh_server, remo
     owner = os.stat(agent).st_uid
     with open(os.path.join(agent, "crashy.py"), "w") as f:
         f.write(CRASHY.format(module=module, name=name))
+    # A prefix of this run's own: job ids repeat across test databases.
+    prefix = f"t{uuid.uuid4().hex[:8]}"
     with open(os.path.join(agent, "settings.py"), "a") as f:
         f.write('\nHPC_SCHEDULER_CLASS = "crashy.CrashAfterSubmit"\n'
+                f"HPC_JOB_TAG_PREFIX = {prefix!r}\n"
                 "import os\n"
                 f'os.environ.setdefault("SGE_ROOT", {environment.get("SGE_ROOT", "")!r})\n'
                 f'os.environ.setdefault("SGE_CELL", {environment.get("SGE_CELL", "")!r})\n')
@@ -112,8 +129,8 @@ def test_jobs_on_a_real_scheduler_through_the_whole_chain(hpcd, ssh_server, remo
     wait_status(crashed, FINAL, timeout=120)
     assert crashed.status == JobStatus.COMPLETED, crashed.job_details
     assert any(c.new_status == JobStatus.SUBMITTED for c in crashed.history())
-    wait_for(lambda: jobs_named(kind, f"hpc-{crashed.pk}") >= 1, timeout=30)
-    assert jobs_named(kind, f"hpc-{crashed.pk}") == 1, "submitted twice"
+    wait_for(lambda: jobs_named(kind, f"{prefix}-{crashed.pk}") >= 1, timeout=30)
+    assert jobs_named(kind, f"{prefix}-{crashed.pk}") == 1, "submitted twice"
 
     # A job ends while no agent runs (the relaunch fails until it has ended).
     unwatched = submit({"script": "sleep 3; echo done > done.txt"})
