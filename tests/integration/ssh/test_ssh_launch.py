@@ -245,3 +245,56 @@ def test_hpcd_logs_no_credential(hpcd, ssh_server, remote_agent_dir):
     log = hpcd.log()
     assert "ecdsa-pass" not in log and "a-wrong-password-123" not in log
     assert "PRIVATE KEY" not in log and read_key(ssh_server, "id_ecdsa").splitlines()[1] not in log
+
+
+def test_a_refused_connection_is_reported_on_the_cluster(hpcd, ssh_server, remote_agent_dir):
+    import socket as _socket
+
+    with _socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    cluster = make_cluster(ssh_server, remote_agent_dir, password=ssh_server["password"])
+    cluster.port = closed_port
+    cluster.save()
+    cluster.try_connect()
+    detail = wait_for(lambda: (HpcCluster.objects.get(pk=cluster.pk).status_detail
+                               if "retrying" in HpcCluster.objects.get(pk=cluster.pk)
+                               .status_detail else None), timeout=30)
+    assert str(closed_port) in detail and "retrying in" in detail
+
+
+def test_the_host_keys_command_pins_only_when_confirmed(hpcd, ssh_server, remote_agent_dir,
+                                                        monkeypatch):
+    import io
+
+    from django.core.management.base import CommandError
+
+    cluster = make_cluster(ssh_server, remote_agent_dir, password=ssh_server["password"])
+    cluster.host_key = ""
+    cluster.save()
+    out = io.StringIO()
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    with pytest.raises(CommandError, match="nothing pinned"):
+        call_command("hpc_host_keys", str(cluster.pk), stdout=out)
+    assert "SHA256:" in out.getvalue()
+    cluster.refresh_from_db()
+    assert cluster.host_key == ""
+    monkeypatch.setattr("builtins.input", lambda prompt: "yes")
+    call_command("hpc_host_keys", str(cluster.pk), stdout=out)
+    cluster.refresh_from_db()
+    assert cluster.host_key.count("\n") == 3  # ed25519, ECDSA and RSA
+
+
+def test_hpc_install_agent_fails_clearly(hpcd, ssh_server, remote_home):
+    from django.core.management.base import CommandError
+
+    cluster = make_cluster(ssh_server, os.path.join(remote_home, "never"),
+                           key=read_key(ssh_server, "id_ed25519"))
+    with pytest.raises(CommandError, match="finding Python failed"):
+        call_command("hpc_install_agent", str(cluster.pk), "--python", "python2.1",
+                     stdout=open(os.devnull, "w"))
+    cluster.password = "wrong"
+    cluster.key = ""
+    cluster.save()
+    with pytest.raises(CommandError, match="refused the login"):
+        call_command("hpc_install_agent", str(cluster.pk), stdout=open(os.devnull, "w"))
