@@ -43,18 +43,19 @@ def local_cluster():
             kill_agent(agent)
 
 
-def rss_mib(pid):
-    """Resident memory of a process, MiB."""
+def _status_mib(pid, field):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def rss_mib(pid):
+    """Resident memory of a process now, MiB."""
+    return _status_mib(pid, "VmRSS")
 
 
 def peak_rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    """The most resident memory the process has had, MiB."""
+    return _status_mib(pid, "VmHWM")
