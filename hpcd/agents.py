@@ -166,7 +166,9 @@ class AgentSession:
         if not self.hello["nvx"]:
             log.warn("cluster {id}: the agent runs without Autobahn NVX; file transfers "
                      "from it will be slow", id=self.cluster_id)
-        self.daemon.clusters.agent_ready(self)
+        self.daemon.clusters.agent_ready(self).addErrback(
+            lambda f: log.failure("cluster {id}: taking the agent in failed", f,
+                                  id=self.cluster_id))
 
     def _on_update(self, message):
         self._updates.append(message)

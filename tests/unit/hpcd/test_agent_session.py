@@ -50,6 +50,7 @@ class FakeClusters:
 
     def agent_ready(self, session):
         self.events.append("ready")
+        return defer.succeed(None)
 
     def agent_lost(self, session):
         self.events.append("lost")
