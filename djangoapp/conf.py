@@ -40,6 +40,9 @@ DEFAULTS = {
     "HPC_AGENT_RESUME_GRACE_SECONDS": 15.0,
     # Seconds hpcd waits for a launched agent to connect before retrying.
     "HPC_AGENT_CONNECT_TIMEOUT": 60.0,
+    # Seconds between websocket pings to each agent; one unanswered for three
+    # intervals drops the connection (and the cluster goes offline).
+    "HPC_AGENT_PING_SECONDS": 10.0,
     # Seconds hpcd waits for an agent's answer to a request.
     "HPC_AGENT_REQUEST_TIMEOUT": 60.0,
     # Longest pause between two failed launches of a cluster's agent.

@@ -30,6 +30,9 @@ DEFAULTS = {
     # Seconds the agent keeps trying to reconnect (with its resume token)
     # after losing hpcd, before it exits and leaves the relaunch to hpcd.
     "HPC_RECONNECT_SECONDS": 600,
+    # Seconds between websocket pings to hpcd; three intervals without an
+    # answer count as a lost connection (then the agent reconnects).
+    "HPC_PING_SECONDS": 10,
     # A CA bundle to verify hpcd's TLS certificate with (wss:// only).
     # None: the system's trust store.
     "HPC_TLS_CA_FILE": None,

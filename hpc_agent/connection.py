@@ -71,7 +71,8 @@ def client_endpoint(reactor, url, ca_file=None):
 class Link:
     """Keeps one control connection to hpcd alive for an :class:`AgentCore`."""
 
-    def __init__(self, reactor, core, url, token, reconnect_seconds, ca_file, on_give_up):
+    def __init__(self, reactor, core, url, token, reconnect_seconds, ca_file, on_give_up,
+                 ping_seconds=10):
         self.reactor = reactor
         self.core = core
         self.token = token
@@ -86,7 +87,7 @@ class Link:
         self.factory.core = core
         self.factory.link = self
         self.factory.setProtocolOptions(
-            autoPingInterval=10, autoPingTimeout=30,
+            autoPingInterval=ping_seconds, autoPingTimeout=3 * ping_seconds,
             maxFramePayloadSize=wire.MAX_CONTROL_MESSAGE,
             maxMessagePayloadSize=wire.MAX_CONTROL_MESSAGE)
         self._set_credential(token)

@@ -72,7 +72,7 @@ def run(settings, url, token, ready):
             reactor.stop()
 
     link = Link(reactor, core, url, token, settings.HPC_RECONNECT_SECONDS,
-                settings.HPC_TLS_CA_FILE, give_up)
+                settings.HPC_TLS_CA_FILE, give_up, ping_seconds=settings.HPC_PING_SECONDS)
 
     def start():
         pool.start()

@@ -82,8 +82,10 @@ def server_factory(daemon, url):
     factory = WebSocketServerFactory(url)
     factory.protocol = AgentServerProtocol
     factory.daemon = daemon
+    ping = float(daemon.settings.HPC_AGENT_PING_SECONDS)
     factory.setProtocolOptions(
-        autoPingInterval=10, autoPingTimeout=30, openHandshakeTimeout=15,
+        # A silent network cut is noticed within about four ping intervals.
+        autoPingInterval=ping, autoPingTimeout=3 * ping, openHandshakeTimeout=15,
         maxFramePayloadSize=wire.MAX_CONTROL_MESSAGE,
         maxMessagePayloadSize=wire.MAX_CONTROL_MESSAGE,
         # No permessage-deflate: transfers carry bulk data, and the control

@@ -47,7 +47,8 @@ def database_environment():
 class Hpcd:
     """A real hpcd process."""
 
-    def __init__(self, workdir, extra_env=None):
+    def __init__(self, workdir, extra_env=None, prefix=()):
+        self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", "A"]
         self.workdir = str(workdir)
         self.socket_path = os.path.join(self.workdir, "hpcd.sock")
         self.log_path = os.path.join(self.workdir, "hpcd.log")
@@ -75,7 +76,7 @@ class Hpcd:
         env["NOTIFY_SOCKET"] = notify_path
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.process = subprocess.Popen(
-            [twistd, "--nodaemon", "--pidfile=", f"--logfile={self.log_path}", "hpcd"],
+            [*self.prefix, twistd, "--nodaemon", "--pidfile=", f"--logfile={self.log_path}", "hpcd"],
             env=env, cwd=self.workdir, stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(self.workdir, "hpcd.stderr"), "ab"))
         try:

@@ -69,6 +69,11 @@ HPC_JOB_CLASS = os.environ.get("HPC_JOB_CLASS", "djangoapp.models.HpcJob")
 HPC_AGENT_RESUME_GRACE_SECONDS = float(os.environ.get("HPC_AGENT_RESUME_GRACE_SECONDS", "2"))
 HPC_DISPATCH_SCAN_SECONDS = float(os.environ.get("HPC_DISPATCH_SCAN_SECONDS", "5"))
 HPC_IPC_TIMEOUT = 20.0
+# Tests that start hpcd in special surroundings pass these through its environment.
+for _name in ("HPC_WEBSOCKET_INTERFACE", "HPC_AGENT_PING_SECONDS",
+              "HPC_AGENT_CONNECT_TIMEOUT", "HPC_WEBSOCKET_PUBLIC_URL"):
+    if _name in os.environ:
+        globals()[_name] = os.environ[_name]
 # Test-only Fernet key for the cluster credentials (djangoapp.crypto).
 HPC_CREDENTIAL_KEYS = ["IE2SCdRIt7btCajHo6VUXWuVdSKiESEYkHqORPjDZSQ="]
 
