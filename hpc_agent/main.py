@@ -3,6 +3,7 @@
 import os
 import sys
 
+from twisted.internet import task
 from twisted.logger import (FilteringLogObserver, Logger, LogLevel,
                             LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver)
 from twisted.python.logfile import LogFile
@@ -74,14 +75,20 @@ def run(settings, url, token, ready):
     link = Link(reactor, core, url, token, settings.HPC_RECONNECT_SECONDS,
                 settings.HPC_TLS_CA_FILE, give_up, ping_seconds=settings.HPC_PING_SECONDS)
 
+    # Once a day, forget jobs deleted more than a week ago.
+    pruning = task.LoopingCall(state.prune)
+    pruning.clock = reactor
+
     def start():
         pool.start()
         ready(os.getpid())
         link.start()
         core.reconcile().addErrback(lambda f: log.failure("reconciling failed", f))
         core.poller.start()
+        pruning.start(86400, now=True)
 
     def stop():
+        pruning.stop()
         core.poller.stop()
         pool.stop()
         return link.stop()

@@ -153,6 +153,15 @@ class AgentState:
         with self._transaction() as db:
             db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
 
+    def prune(self, older_than_seconds=7 * 86400):
+        """Forget deleted jobs after a week: hpcd never asks about them again.
+        Returns how many were removed."""
+        cutoff = self._clock() - older_than_seconds
+        with self._transaction() as db:
+            return db.execute(
+                "DELETE FROM jobs WHERE status = ? AND updated < ? AND job NOT IN "
+                "(SELECT job FROM outbox)", (int(JobStatus.DELETED), cutoff)).rowcount
+
     def outbox_size(self):
         return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 

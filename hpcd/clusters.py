@@ -253,7 +253,13 @@ class ClusterManager(service.Service):
             link.stop()
 
     def _refresh_quietly(self):
-        return self.refresh().addErrback(lambda f: log.failure("refreshing clusters failed", f))
+        d = self.refresh()
+        d.addCallback(lambda _: self._purge_tokens())
+        return d.addErrback(lambda f: log.failure("refreshing clusters failed", f))
+
+    def _purge_tokens(self):
+        live = [s.token_id for s in self.sessions.values()]
+        return self._store.purge_tokens(live)
 
     @defer.inlineCallbacks
     def refresh(self):

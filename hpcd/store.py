@@ -87,11 +87,13 @@ def token_cluster_thd(token_id):
         "cluster_id", flat=True).first()
 
 
-def purge_tokens_thd(older_than_seconds=86400):
-    """Forget spent or expired tokens after a day (they prove nothing more)."""
+def purge_tokens_thd(keep_ids, older_than_seconds=86400):
+    """Forget tokens older than a day that prove nothing any more: not the
+    latest unused resume tokens, and not those of live connections
+    (``keep_ids``), which is_connected() returns."""
     cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
-    WebsocketToken.objects.filter(created__lt=cutoff).exclude(
-        purpose="resume", used_at__isnull=True).delete()
+    return WebsocketToken.objects.filter(created__lt=cutoff).exclude(
+        purpose="resume", used_at__isnull=True).exclude(pk__in=keep_ids).delete()[0]
 
 
 # -- jobs ------------------------------------------------------------------------

@@ -195,3 +195,21 @@ def test_a_failed_transaction_leaves_nothing_behind(state):
 ])
 def test_is_final_says_when_polling_stops(status, final):
     assert is_final(status) is final
+
+
+def test_deleted_jobs_are_forgotten_after_a_week_but_not_before_hpcd_knows(tmp_path):
+    from hpc_agent.state import AgentState
+    from hpc_agent.status import JobStatus
+
+    now = [1000.0]
+    state = AgentState(str(tmp_path / "s.sqlite3"), clock=lambda: now[0])
+    state.record_submitting(1, {"script": "true"})
+    state.set_status(1, JobStatus.COMPLETED)
+    state.set_status(1, JobStatus.DELETING)
+    state.set_status(1, JobStatus.DELETED)
+    state.record_submitting(2, {"script": "true"})
+    now[0] += 8 * 86400
+    assert state.prune() == 0  # DELETED not yet acknowledged: still in the outbox
+    state.acknowledge([u["seq"] for u in state.pending_updates()])
+    assert state.prune() == 1
+    assert state.get(1) is None and state.get(2) is not None
