@@ -168,11 +168,16 @@ class LocalLauncher:
         timer = self._reactor.callLater(self._timeout, _kill, proto)
 
         def ended(reason):
-            if timer.active():
+            timed_out = not timer.active()
+            if not timed_out:
                 timer.cancel()
             out, err = bytes(proto.output[1]), bytes(proto.output[2])
             if isinstance(reason, error.ProcessDone):
                 return _tail(out) or "agent started"
+            if timed_out:
+                raise LaunchFailed(f"the agent did not finish starting within "
+                                   f"{self._timeout:g} s and was killed: "
+                                   f"{_tail(err) or _tail(out) or 'no output'}")
             raise LaunchFailed(f"the agent exited at once ({_describe(reason)}): "
                                f"{_tail(err) or _tail(out) or 'no output'}")
 
