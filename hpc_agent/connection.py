@@ -68,6 +68,23 @@ def client_endpoint(reactor, url, ca_file=None):
     return endpoint
 
 
+class _Logged:
+    """An endpoint that says in the log why a connection attempt failed
+    (ClientService only says it will retry)."""
+
+    def __init__(self, endpoint, url):
+        self._endpoint = endpoint
+        self._url = url
+
+    def connect(self, factory):
+        def failed(failure):
+            log.warn("connecting to {url} failed: {why}", url=self._url,
+                     why=failure.getErrorMessage())
+            return failure
+
+        return self._endpoint.connect(factory).addErrback(failed)
+
+
 class Link:
     """Keeps one control connection to hpcd alive for an :class:`AgentCore`."""
 
@@ -92,7 +109,7 @@ class Link:
             maxMessagePayloadSize=wire.MAX_CONTROL_MESSAGE)
         self._set_credential(token)
         self.service = ClientService(
-            client_endpoint(reactor, base, ca_file), self.factory,
+            _Logged(client_endpoint(reactor, base, ca_file), base), self.factory,
             # Capped well below hpcd's resume grace period (15 s), so an agent is
             # back before hpcd would launch a replacement.
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=8.0),

@@ -70,7 +70,7 @@ HPC_AGENT_RESUME_GRACE_SECONDS = float(os.environ.get("HPC_AGENT_RESUME_GRACE_SE
 HPC_DISPATCH_SCAN_SECONDS = float(os.environ.get("HPC_DISPATCH_SCAN_SECONDS", "5"))
 HPC_IPC_TIMEOUT = 20.0
 # Tests that start hpcd in special surroundings pass these through its environment.
-for _name in ("HPC_WEBSOCKET_INTERFACE", "HPC_AGENT_PING_SECONDS",
+for _name in ("HPC_WEBSOCKET_INTERFACE", "HPC_WEBSOCKET_ENDPOINT", "HPC_AGENT_PING_SECONDS",
               "HPC_AGENT_CONNECT_TIMEOUT", "HPC_WEBSOCKET_PUBLIC_URL"):
     if _name in os.environ:
         globals()[_name] = os.environ[_name]
