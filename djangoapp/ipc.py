@@ -9,6 +9,7 @@ raises :class:`HpcdUnavailable`.
 """
 
 import itertools
+import os
 import socket
 import struct
 import threading
@@ -41,6 +42,7 @@ class _Connection:
                 f"cannot reach hpcd at {path} ({e.strerror or e}); is `twistd hpcd` running "
                 "with the same HPC_IPC_UNIX_SOCKET?") from None
         self._buffer = bytearray()
+        self.pid = os.getpid()
 
     def close(self):
         self.sock.close()
@@ -108,7 +110,10 @@ def call(command, /, timeout=None, **arguments):
     """
     path = hpc_settings.HPC_IPC_UNIX_SOCKET
     connection = getattr(_local, "connection", None)
-    if connection is not None and getattr(_local, "path", None) != path:
+    if connection is not None and (connection.pid != os.getpid()
+                                   or getattr(_local, "path", None) != path):
+        # Another socket path, or a connection inherited across fork() (a
+        # pre-forking server): the parent's socket must not be shared.
         connection.close()
         connection = None
     for attempt in (1, 2):

@@ -303,3 +303,22 @@ def test_a_changed_socket_setting_opens_a_new_connection(socket_path, servers, s
     settings.HPC_IPC_UNIX_SOCKET = other
     assert ipc.call(commands.IsClusterOnline, cluster_id=1) == {"token_id": 2}
     assert first.accepted == 1
+
+
+def test_a_connection_inherited_across_fork_is_not_reused(monkeypatch, settings, tmp_path):
+    """A pre-forking server's children must not share the parent's socket."""
+    settings.HPC_IPC_UNIX_SOCKET = str(tmp_path / "nobody.sock")
+
+    class Recorded:
+        pid = os.getpid() + 1  # made by "another process"
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    inherited = Recorded()
+    monkeypatch.setattr(ipc._local, "connection", inherited, raising=False)
+    monkeypatch.setattr(ipc._local, "path", ipc.hpc_settings.HPC_IPC_UNIX_SOCKET, raising=False)
+    with pytest.raises(ipc.HpcdUnavailable):
+        ipc.call(commands.IsClusterOnline, cluster_id=1)  # no hpcd at this socket path
+    assert inherited.closed
