@@ -138,3 +138,16 @@ def test_many_jobs_run_concurrently(local_cluster):
     for job in jobs:
         wait_status(job, FINAL, timeout=60)
         assert job.status == JobStatus.COMPLETED, job.job_details
+
+
+def test_a_download_abandoned_half_way_costs_nothing(local_cluster, hpcd):
+    job = HpcJob.objects.create()
+    job.submit({"script": "head -c 50000000 /dev/zero > big.bin; echo small > small.txt"})
+    wait_status(job, FINAL)
+    response = job.fetch_remote_file("big.bin")
+    chunks = iter(response.streaming_content)
+    assert next(chunks)
+    response.close()  # what Django does when the browser goes away
+    assert b"".join(job.fetch_remote_file("small.txt").streaming_content) == b"small\n"
+    wait_for(lambda: "the Django process stopped reading" in hpcd.log(), timeout=10)
+    assert hpcd.process.poll() is None
