@@ -265,6 +265,14 @@ class HpcJob(models.Model):
         """This job's state changes, oldest first."""
         return self.status_changes.order_by("time", "id")
 
+    def on_status_change(self, old, new, detail):
+        """Called by hpcd after a state the cluster reported is stored.
+
+        Override to react, e.g. to tell the job's owner it finished.  It runs
+        in hpcd, on its database thread, once per applied change (``old`` and
+        ``new`` are JobStatus values); an exception is logged and ignored.
+        """
+
     def choose_cluster(self, parameters):
         """The cluster to run on; override to choose by the parameters.
 

@@ -138,7 +138,7 @@ def apply_updates_thd(cluster_id, updates):
     """
     owners = dict(HpcJob.objects.filter(pk__in={u["job"] for u in updates})
                   .values_list("pk", "cluster_id"))
-    acked = []
+    acked, changes = [], []
     with transaction.atomic():
         for u in updates:
             if owners.get(u["job"]) != cluster_id:
@@ -152,9 +152,30 @@ def apply_updates_thd(cluster_id, updates):
                              status=u["status"])
                 else:
                     extra = {"remote_job_id": u["scheduler_id"]} if u["scheduler_id"] else None
-                    transitions.apply(u["job"], status, "agent", u["detail"], extra=extra)
+                    applied, old = transitions.apply(u["job"], status, "agent", u["detail"],
+                                                     extra=extra)
+                    if applied:
+                        changes.append((u["job"], old, status, u["detail"]))
             acked.append(u["seq"])
+    _notify_job_class(changes)
     return acked
+
+
+def _notify_job_class(changes):
+    """Call the job class's on_status_change() for each stored change.
+
+    After the commit, and each on its own: a hook that fails is logged and
+    changes nothing (the state is stored and acknowledged already).
+    """
+    model = get_job_model()
+    for job_id, old, new, detail in changes:
+        try:
+            job = model.objects.filter(pk=job_id).first()
+            if job is not None:
+                job.on_status_change(old, new, detail)
+        except Exception:
+            log.failure("{model}.on_status_change failed for job {job}",
+                        model=model.__name__, job=job_id)
 
 
 class Store(service.Service):

@@ -8,6 +8,10 @@ class LabeledJob(HpcJob):
 
     label = models.CharField(max_length=100, blank=True, default="")
 
+    def on_status_change(self, old, new, detail):
+        # Records what hpcd told this class, in hpcd's process.
+        type(self).objects.filter(pk=self.pk).update(label=f"{self.label}>{new.name}")
+
     def choose_cluster(self, parameters):
         from djangoapp.models import HpcCluster
 

@@ -105,7 +105,9 @@ def test_a_custom_job_class_is_the_one_hpcd_loads(transactional_db, short_tmp, s
     try:
         wait_status(job, FINAL, timeout=30)
         assert job.status == JobStatus.COMPLETED
-        assert LabeledJob.objects.get(pk=job.pk).label == "mine"
+        # hpcd called the subclass's hook for each state the agent reported.
+        wait_for(lambda: LabeledJob.objects.get(pk=job.pk).label.endswith(">COMPLETED"))
+        assert LabeledJob.objects.get(pk=job.pk).label == "mine>SUBMITTED>RUNNING>COMPLETED"
     finally:
         daemon.stop()
 
