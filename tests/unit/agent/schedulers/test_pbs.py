@@ -6,7 +6,6 @@ tests/data/schedulers/pbs, written by hand from the vendors' reference guides
 """
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from hpc_agent.config import AgentSettings
 from hpc_agent.schedulers.base import InvalidParameters, JobSpec, JobState, SchedulerError
 from hpc_agent.schedulers.pbs import PBS, Torque, parse_text
 from hpc_agent.status import JobStatus as S
+from scheduler_fakes import scripted
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "schedulers" / "pbs"
 JSON = (DATA / "qstat_json.txt").read_text()
@@ -25,26 +25,6 @@ TORQUE = (DATA / "torque_qstat.txt").read_text()
 @pytest.fixture
 def settings(tmp_path):
     return AgentSettings(tmp_path, {"HPC_JOB_WORKING_DIRECTORY": str(tmp_path / "jobs")})
-
-
-def scripted(base):
-    """A subclass of ``base`` answering from ``answers`` and logging ``calls``."""
-
-    class Fake(base):
-        answers = {}
-        calls = []
-
-        @classmethod
-        def run(cls, argv, timeout=None):
-            cls.calls.append(list(argv))
-            answer = cls.answers[argv[0]]
-            if callable(answer):
-                answer = answer(argv)
-            if isinstance(answer, str):
-                answer = (0, answer, "")
-            return subprocess.CompletedProcess(argv, *answer)
-
-    return Fake
 
 
 @pytest.fixture

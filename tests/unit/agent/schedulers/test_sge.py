@@ -6,7 +6,6 @@ tests/data/schedulers/sge (recorded from a real SoGE 8.1.9; see its README).
 
 import fnmatch
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from hpc_agent.config import AgentSettings
 from hpc_agent.schedulers.base import InvalidParameters, JobSpec, JobState, SchedulerError
 from hpc_agent.schedulers.sge import SGE, sge_live_state
 from hpc_agent.status import JobStatus as S
+from scheduler_fakes import scripted
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "schedulers" / "sge"
 QSTAT = (DATA / "qstat.xml").read_text()
@@ -43,21 +43,9 @@ def settings(tmp_path):
 
 @pytest.fixture
 def fake():
-    class FakeSGE(SGE):
-        answers = {"qstat": QSTAT, "qacct": qacct(RECORDS)}
-        calls = []
-
-        @classmethod
-        def run(cls, argv, timeout=None):
-            cls.calls.append(list(argv))
-            answer = cls.answers[argv[0]]
-            if callable(answer):
-                answer = answer(argv)
-            if isinstance(answer, str):
-                answer = (0, answer, "")
-            return subprocess.CompletedProcess(argv, *answer)
-
-    return FakeSGE
+    fake = scripted(SGE)
+    fake.answers.update({"qstat": QSTAT, "qacct": qacct(RECORDS)})
+    return fake
 
 
 def test_submit_translates_parameters(fake, settings):

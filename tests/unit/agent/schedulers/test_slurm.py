@@ -4,7 +4,6 @@ No daemon runs here: ``run`` is replaced by a script of answers taken from
 tests/data/schedulers/slurm (recorded from a real Slurm 22.05; see its README).
 """
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from hpc_agent.schedulers.batch import (
     BatchScheduler, aggregate, array_indices, as_single_range, compact, parse_array)
 from hpc_agent.schedulers.slurm import Slurm, slurm_state
 from hpc_agent.status import JobStatus as S
+from scheduler_fakes import scripted
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "schedulers" / "slurm"
 SQUEUE = (DATA / "squeue.txt").read_text()
@@ -34,27 +34,11 @@ def settings(tmp_path):
 @pytest.fixture
 def fake():
     """A Slurm whose commands answer from ``answers`` and are logged in ``calls``."""
-
-    class FakeSlurm(Slurm):
-        answers = {}
-        calls = []
-
-        @classmethod
-        def run(cls, argv, timeout=None):
-            cls.calls.append(list(argv))
-            key = "sacct -c" if argv[:2] == ["sacct", "-c"] else argv[0]
-            answer = cls.answers[key]
-            if callable(answer):
-                answer = answer(argv)
-            if isinstance(answer, str):
-                answer = (0, answer, "")
-            return subprocess.CompletedProcess(argv, *answer)
-
-        @classmethod
-        def programs(cls):
-            return [" ".join(argv[:2]) if argv[1] == "-c" else argv[0] for argv in cls.calls]
-
-    return FakeSlurm
+    fake = scripted(Slurm, key=lambda argv: "sacct -c" if argv[:2] == ["sacct", "-c"]
+                    else argv[0])
+    fake.programs = classmethod(
+        lambda cls: [" ".join(argv[:2]) if argv[1] == "-c" else argv[0] for argv in cls.calls])
+    return fake
 
 
 def test_submit_writes_the_script_and_translates_parameters(fake, settings):
