@@ -40,6 +40,45 @@ def init(directory):
     return 0
 
 
+def status(directory):
+    """What an admin on the cluster wants to know: is the agent running, and
+    what does its state hold."""
+    from hpc_agent.lock import holder
+    from hpc_agent.state import AgentState
+
+    settings = AgentSettings.load(directory)
+    pid = holder(os.path.join(settings.BASE_DIR, "agent.lock"))
+    print(f"agent directory  {settings.BASE_DIR}")
+    print(f"agent            {'running, pid %d' % pid if pid else 'not running'}")
+    print(f"scheduler        {settings.HPC_SCHEDULER_CLASS}")
+    if not os.path.exists(settings.HPC_STATE_FILE):
+        print("state            none yet (the agent never ran here)")
+        return 0
+    state = AgentState(settings.HPC_STATE_FILE)
+    try:
+        counts = state.counts()
+        print("jobs             " + (", ".join(f"{n} {s.name}" for s, n in counts) or "none"))
+        print(f"unacknowledged   {state.outbox_size()} updates waiting for hpcd")
+    finally:
+        state.close()
+    return 0
+
+
+def stop(directory):
+    """Ask the directory's agent to stop (its jobs keep running)."""
+    import signal
+
+    from hpc_agent.lock import holder
+
+    pid = holder(os.path.join(os.path.abspath(directory), "agent.lock"))
+    if pid is None:
+        print("no agent is running there")
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    print(f"asked agent pid {pid} to stop")
+    return 0
+
+
 def read_launch_credentials(stream):
     data = stream.read(MAX_STDIN + 1)
     if len(data) > MAX_STDIN:
@@ -124,11 +163,15 @@ def main(argv=None):
     parser.add_argument("--foreground", action="store_true",
                         help="do not detach (for debugging; logs go to the log directory)")
     sub = parser.add_subparsers(dest="command")
-    init_parser = sub.add_parser("init", help="write a commented settings.py into DIR")
-    init_parser.add_argument("directory")
+    for name, text in (("init", "write a commented settings.py into DIR"),
+                       ("status", "show whether DIR's agent runs and what its state holds"),
+                       ("stop", "stop DIR's agent (its jobs keep running)")):
+        sub.add_parser(name, help=text).add_argument("directory", nargs="?" if name != "init"
+                                                     else None, default=".")
     args = parser.parse_args(argv)
-    if args.command == "init":
-        return init(args.directory)
+    commands = {"init": init, "status": status, "stop": stop}
+    if args.command in commands:
+        return commands[args.command](args.directory)
     return launch(foreground=args.foreground)
 
 

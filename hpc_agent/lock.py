@@ -33,6 +33,30 @@ def _holder(path):
         return None
 
 
+def _is_agent(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"hpc_agent" in f.read()
+    except OSError:
+        return False
+
+
+def holder(path):
+    """The pid of the agent holding the lock at ``path``, or None if it is free."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        # A shared lock is refused only while an agent holds its exclusive one.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(path)
+    finally:
+        os.close(fd)
+    return None
+
+
 def take_over(path, term_wait=30.0, kill_wait=10.0, log=print):
     """Hold the lock at ``path``; returns the open file descriptor.
 
@@ -41,6 +65,10 @@ def take_over(path, term_wait=30.0, kill_wait=10.0, log=print):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     if not _try_lock(fd):
         pid = _holder(path)
+        if pid and not _is_agent(pid):
+            # A stale pid (a `status` check holds the lock for an instant):
+            # never signal a process that is not an agent.
+            pid = None
         for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
             if pid:
                 log(f"agent pid {pid} holds {path}: sending {sig.name}")

@@ -162,6 +162,11 @@ class AgentState:
                 "DELETE FROM jobs WHERE status = ? AND updated < ? AND job NOT IN "
                 "(SELECT job FROM outbox)", (int(JobStatus.DELETED), cutoff)).rowcount
 
+    def counts(self):
+        """``[(JobStatus, number of jobs)]`` in status order."""
+        rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status")
+        return [(JobStatus(status), n) for status, n in rows]
+
     def outbox_size(self):
         return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 

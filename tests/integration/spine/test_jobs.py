@@ -151,3 +151,28 @@ def test_a_download_abandoned_half_way_costs_nothing(local_cluster, hpcd):
     assert b"".join(job.fetch_remote_file("small.txt").streaming_content) == b"small\n"
     wait_for(lambda: "the Django process stopped reading" in hpcd.log(), timeout=10)
     assert hpcd.process.poll() is None
+
+
+def test_the_agent_reports_its_status_and_stops_on_request(local_cluster):
+    import subprocess
+    import sys
+
+    from harness import agent_pid
+
+    job = HpcJob.objects.create()
+    job.submit({"script": "true"})
+    wait_status(job, FINAL)
+    path = local_cluster.client_path
+
+    def agent(*args):
+        return subprocess.run([sys.executable, "-m", "hpc_agent", *args, path],
+                              capture_output=True, text=True, check=True).stdout
+
+    report = agent("status")
+    assert f"running, pid {agent_pid(path)}" in report
+    assert "1 COMPLETED" in report and "0 updates waiting" in report
+    pid = agent_pid(path)
+    assert f"asked agent pid {pid} to stop" in agent("stop")
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or agent_pid(path) != pid,
+             timeout=10, what="the agent to stop")
+    assert "not running" in agent("status") or agent_pid(path) != pid
