@@ -176,3 +176,17 @@ def test_the_agent_reports_its_status_and_stops_on_request(local_cluster):
     wait_for(lambda: not os.path.exists(f"/proc/{pid}") or agent_pid(path) != pid,
              timeout=10, what="the agent to stop")
     assert "not running" in agent("status") or agent_pid(path) != pid
+
+
+def test_files_over_four_gibibytes_keep_their_size(local_cluster):
+    """The seed's 32-bit sizes could not describe a file over 4 GiB."""
+    job = HpcJob.objects.create()
+    job.submit({"script": "truncate -s 5G sparse.bin"})
+    wait_status(job, FINAL)
+    size = 5 * 2**30
+    assert {"path": "sparse.bin", "is_dir": False, "size": size} in \
+        job.fetch_remote_file_list("/", True)
+    response = job.fetch_remote_file("sparse.bin")
+    assert response["Content-Length"] == str(size)
+    assert set(next(iter(response.streaming_content))) == {0}
+    response.close()

@@ -141,3 +141,20 @@ def test_an_agent_speaking_another_protocol_version_is_told_so(hpcd, port, clust
     opcode, payload = ws.recv()
     assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 4003
     assert b"upgrade the agent" in payload
+
+
+def test_a_late_report_never_turns_a_cancelled_job_into_a_completed_one(hpcd, port,
+                                                                      cluster):
+    job = HpcJob.objects.create(cluster=cluster, job_status=JobStatus.CANCELLED)
+    _, secret = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
+    ws = RawWebsocket(port, "/agent", f"Bearer {secret}")
+    ws.send(json.dumps({"type": "hello", "protocol": 1, "agent_version": "test",
+                        "scheduler": "x", "hostname": "h", "nvx": True}))
+    assert json.loads(ws.recv()[1])["type"] == "welcome"
+    for seq, status in enumerate((JobStatus.RUNNING, JobStatus.COMPLETED), start=1):
+        ws.send(json.dumps({"type": "update", "seq": seq, "job": job.pk, "status": status,
+                            "detail": "", "at": 0, "scheduler_id": "7"}))
+        assert json.loads(ws.recv()[1]) == {"type": "ack", "seqs": [seq]}
+    job.refresh_from_db()
+    assert job.status == JobStatus.CANCELLED
+    assert not job.history().exists()
