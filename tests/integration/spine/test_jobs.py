@@ -190,3 +190,17 @@ def test_files_over_four_gibibytes_keep_their_size(local_cluster):
     assert response["Content-Length"] == str(size)
     assert set(next(iter(response.streaming_content))) == {0}
     response.close()
+
+
+def test_cluster_level_files_are_read_only_from_allowed_roots(local_cluster):
+    job = HpcJob.objects.create()
+    job.submit({"script": "echo shared > shared.txt"})
+    wait_status(job, FINAL)
+    path = os.path.join(job_dir(local_cluster, job), "shared.txt")
+    response = local_cluster.fetch_remote_file(path)
+    assert b"".join(response.streaming_content) == b"shared\n"
+    listed = local_cluster.fetch_remote_file_list(job_dir(local_cluster, job), True)
+    assert {"path": f"{job.pk}/shared.txt", "is_dir": False, "size": 7} in listed
+    for outside in ("/etc/passwd", "/", local_cluster.client_path + "/settings.py"):
+        with pytest.raises(PathRefused):
+            local_cluster.fetch_remote_file(outside)
