@@ -76,7 +76,8 @@ class Hpcd:
         env["NOTIFY_SOCKET"] = notify_path
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.process = subprocess.Popen(
-            [*self.prefix, twistd, "--nodaemon", "--pidfile=", f"--logfile={self.log_path}", "hpcd"],
+            [*self.prefix, twistd, "--nodaemon", "--pidfile=", f"--logfile={self.log_path}",
+             "hpcd"],
             env=env, cwd=self.workdir, stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(self.workdir, "hpcd.stderr"), "ab"))
         try:
