@@ -86,6 +86,9 @@ def server_factory(daemon, url):
     factory.setProtocolOptions(
         # A silent network cut is noticed within about four ping intervals.
         autoPingInterval=ping, autoPingTimeout=3 * ping, openHandshakeTimeout=15,
+        # Autobahn's 1 s default aborts (and discards the close reason)
+        # before a busy or distant agent has read the close frame.
+        closeHandshakeTimeout=5,
         maxFramePayloadSize=wire.MAX_CONTROL_MESSAGE,
         maxMessagePayloadSize=wire.MAX_CONTROL_MESSAGE,
         # No permessage-deflate: transfers carry bulk data, and the control
