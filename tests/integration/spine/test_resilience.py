@@ -12,7 +12,8 @@ from harness import FINAL, Hpcd, agent_pid, free_port, job_dir, wait_for, wait_s
 @pytest.fixture
 def restartable(transactional_db, short_tmp, settings):
     """An hpcd on a fixed port, so a restarted one is where agents expect it."""
-    env = {"HPC_WEBSOCKET_PORT": str(free_port()), "HPC_AGENT_RESUME_GRACE_SECONDS": "10"}
+    # The grace outlasts the agent's longest reconnect pause (8 s + 1 s jitter) with room.
+    env = {"HPC_WEBSOCKET_PORT": str(free_port()), "HPC_AGENT_RESUME_GRACE_SECONDS": "20"}
     daemon = Hpcd(short_tmp, extra_env=env)
     settings.HPC_IPC_UNIX_SOCKET = daemon.socket_path
     yield daemon
@@ -32,7 +33,8 @@ def test_submit_while_hpcd_is_down_waits_and_runs_once(restartable, agent_dir):
     job = HpcJob.objects.create()
     assert job.submit({"script": "echo run >> runs.txt"}) == JobStatus.PENDING
     restartable.start()
-    wait_status(job, FINAL, timeout=30)
+    # hpcd first gives a (never launched) agent its grace period, then launches.
+    wait_status(job, FINAL, timeout=60)
     assert job.status == JobStatus.COMPLETED
     with open(os.path.join(job_dir(cluster, job), "runs.txt")) as f:
         assert f.read() == "run\n"
