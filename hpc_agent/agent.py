@@ -48,7 +48,6 @@ class AgentCore:
         self._welcomed = False
         self._sent_upto = 0
         self._sent_at = {}  # seq -> when it was last sent, until acknowledged
-        self._last_ack = 0.0
         self._locks = {}
         self._submit_failures = {}
         self.resume_token = None
@@ -120,7 +119,6 @@ class AgentCore:
         self.state.acknowledge(message["seqs"])
         for seq in message["seqs"]:
             self._sent_at.pop(seq, None)
-        self._last_ack = self.reactor.seconds()
 
     def _on_error(self, message):
         log.warn("hpcd could not understand a frame: {code}: {message}",

@@ -234,6 +234,7 @@ class ClusterManager(service.Service):
         self.infos = {}
         self.on_online = lambda cluster_id: None
         self._refresher = None
+        self._purger = None
 
     def startService(self):
         super().startService()
@@ -243,23 +244,27 @@ class ClusterManager(service.Service):
         self._refresher = task.LoopingCall(self._refresh_quietly)
         self._refresher.clock = self._reactor
         self._refresher.start(float(self._settings.HPC_DISPATCH_SCAN_SECONDS), now=False)
+        # Tokens only need forgetting after a day: once an hour is plenty.
+        self._purger = task.LoopingCall(self._purge_tokens)
+        self._purger.clock = self._reactor
+        self._purger.start(3600, now=False)
         return d
 
     def stopService(self):
         super().stopService()
-        if self._refresher is not None and self._refresher.running:
-            self._refresher.stop()
+        for loop in (self._refresher, self._purger):
+            if loop is not None and loop.running:
+                loop.stop()
         for link in self.links.values():
             link.stop()
 
     def _refresh_quietly(self):
-        d = self.refresh()
-        d.addCallback(lambda _: self._purge_tokens())
-        return d.addErrback(lambda f: log.failure("refreshing clusters failed", f))
+        return self.refresh().addErrback(lambda f: log.failure("refreshing clusters failed", f))
 
     def _purge_tokens(self):
         live = [s.token_id for s in self.sessions.values()]
-        return self._store.purge_tokens(live)
+        return self._store.purge_tokens(live).addErrback(
+            lambda f: log.failure("purging old tokens failed", f))
 
     @defer.inlineCallbacks
     def refresh(self):
