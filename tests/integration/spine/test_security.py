@@ -23,6 +23,20 @@ def cluster(db):
     return HpcCluster.objects.create(host_name="localhost", client_path="/nonexistent")
 
 
+def hello(protocol=1):
+    return json.dumps({"type": "hello", "protocol": protocol, "agent_version": "test",
+                       "scheduler": "x", "hostname": "h", "nvx": True})
+
+
+def raw_agent(port, cluster):
+    """A hand-driven agent connection of ``cluster``, greeted and welcomed."""
+    _, secret = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
+    ws = RawWebsocket(port, "/agent", f"Bearer {secret}")
+    ws.send(hello())
+    assert json.loads(ws.recv()[1])["type"] == "welcome"
+    return ws
+
+
 def test_connections_without_a_valid_token_are_refused(hpcd, port, cluster):
     assert RawWebsocket(port, "/agent").status == 401
     assert RawWebsocket(port, "/agent", "Bearer").status == 401
@@ -66,8 +80,7 @@ def test_malformed_frames_are_answered_and_the_connection_survives(hpcd, port, c
                         "at": 0, "scheduler_id": None}))
     assert json.loads(ws.recv()[1])["code"] == "not_ready"
     # Still served: a proper hello is welcomed.
-    ws.send(json.dumps({"type": "hello", "protocol": 1, "agent_version": "test",
-                        "scheduler": "x", "hostname": "h", "nvx": True}))
+    ws.send(hello())
     welcome = json.loads(ws.recv()[1])
     assert welcome["type"] == "welcome" and welcome["resume_token"]
     # Invalid UTF-8 in a text frame is a websocket protocol violation: the
@@ -85,11 +98,7 @@ def test_malformed_frames_are_answered_and_the_connection_survives(hpcd, port, c
 def test_an_agent_cannot_change_another_clusters_jobs(hpcd, port, cluster):
     other = HpcCluster.objects.create(host_name="localhost", client_path="/x")
     job = HpcJob.objects.create(cluster=other, job_status=JobStatus.RUNNING)
-    _, secret = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
-    ws = RawWebsocket(port, "/agent", f"Bearer {secret}")
-    ws.send(json.dumps({"type": "hello", "protocol": 1, "agent_version": "test",
-                        "scheduler": "x", "hostname": "h", "nvx": True}))
-    assert json.loads(ws.recv()[1])["type"] == "welcome"
+    ws = raw_agent(port, cluster)
     ws.send(json.dumps({"type": "update", "seq": 7, "job": job.pk, "status": 500,
                         "detail": "", "at": 0, "scheduler_id": None}))
     ack = json.loads(ws.recv()[1])
@@ -124,11 +133,7 @@ def test_unknown_clusters_and_offline_clusters_give_clear_errors(hpcd, cluster):
 
 def test_an_agent_of_a_disabled_cluster_is_sent_away(hpcd, port, cluster):
     HpcCluster.objects.filter(pk=cluster.pk).update(enabled=False)
-    _, secret = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
-    ws = RawWebsocket(port, "/agent", f"Bearer {secret}")
-    ws.send(json.dumps({"type": "hello", "protocol": 1, "agent_version": "test",
-                        "scheduler": "x", "hostname": "h", "nvx": True}))
-    assert json.loads(ws.recv()[1])["type"] == "welcome"
+    ws = raw_agent(port, cluster)
     opcode, payload = ws.recv()
     assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 4002
 
@@ -136,8 +141,7 @@ def test_an_agent_of_a_disabled_cluster_is_sent_away(hpcd, port, cluster):
 def test_an_agent_speaking_another_protocol_version_is_told_so(hpcd, port, cluster):
     _, secret = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
     ws = RawWebsocket(port, "/agent", f"Bearer {secret}")
-    ws.send(json.dumps({"type": "hello", "protocol": 99, "agent_version": "test",
-                        "scheduler": "x", "hostname": "h", "nvx": True}))
+    ws.send(hello(protocol=99))
     opcode, payload = ws.recv()
     assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 4003
     assert b"upgrade the agent" in payload
@@ -146,11 +150,7 @@ def test_an_agent_speaking_another_protocol_version_is_told_so(hpcd, port, clust
 def test_a_late_report_never_turns_a_cancelled_job_into_a_completed_one(hpcd, port,
                                                                       cluster):
     job = HpcJob.objects.create(cluster=cluster, job_status=JobStatus.CANCELLED)
-    _, secret = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
-    ws = RawWebsocket(port, "/agent", f"Bearer {secret}")
-    ws.send(json.dumps({"type": "hello", "protocol": 1, "agent_version": "test",
-                        "scheduler": "x", "hostname": "h", "nvx": True}))
-    assert json.loads(ws.recv()[1])["type"] == "welcome"
+    ws = raw_agent(port, cluster)
     for seq, status in enumerate((JobStatus.RUNNING, JobStatus.COMPLETED), start=1):
         ws.send(json.dumps({"type": "update", "seq": seq, "job": job.pk, "status": status,
                             "detail": "", "at": 0, "scheduler_id": "7"}))
