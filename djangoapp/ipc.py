@@ -4,7 +4,7 @@ Django views are synchronous and must not run a reactor, so this speaks
 AMP over a plain Unix socket, reusing Twisted's own ``Command`` classes to
 build and parse boxes.  One connection per thread, opened on first use and
 reopened once after an hpcd restart.  Errors hpcd reports arrive as the
-exception classes in :mod:`hpcd.commands`; an unreachable or silent hpcd
+exception classes in :mod:`djangoapp.protocol`; an unreachable or silent hpcd
 raises :class:`HpcdUnavailable`.
 """
 
@@ -17,7 +17,7 @@ import threading
 from twisted.protocols import amp
 
 from djangoapp.conf import hpc_settings
-from hpcd.commands import ERROR_CLASSES, HpcdError
+from djangoapp.protocol import ERROR_CLASSES, HpcdError
 
 __all__ = ["call", "open_stream", "HpcdUnavailable", "HpcdError"]
 

@@ -18,12 +18,11 @@ from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from djangoapp import ipc, transitions
+from djangoapp import ipc, protocol, transitions
 from djangoapp.conf import hpc_settings
 from djangoapp.crypto import EncryptedTextField
 from djangoapp.transitions import JobStateError
 from hpc_agent.status import ACTIVE, JobStatus
-from hpcd import commands
 
 __all__ = ["HpcCluster", "HpcJob", "HpcJobStatusChange", "WebsocketToken", "JobStatus",
            "JobStateError", "get_job_model"]
@@ -100,7 +99,7 @@ class HpcCluster(models.Model):
         hpcd itself is not running, since then nothing is connected.
         """
         try:
-            token_id = ipc.call(commands.IsClusterOnline, cluster_id=self.pk)["token_id"]
+            token_id = ipc.call(protocol.IsClusterOnline, cluster_id=self.pk)["token_id"]
         except ipc.HpcdUnavailable:
             return None
         if not token_id:
@@ -114,7 +113,7 @@ class HpcCluster(models.Model):
         one takes over from the old.  Returns at once; the connection comes
         within seconds (see :meth:`is_connected` and ``status_detail``).
         """
-        ipc.call(commands.TryConnect, cluster_id=self.pk, force=force)
+        ipc.call(protocol.TryConnect, cluster_id=self.pk, force=force)
 
     def fetch_remote_file_list(self, path="/", recursive=True, ui_id=None):
         """``[{"path", "is_dir", "size"}, ...]`` below ``path`` on the cluster.
@@ -122,7 +121,7 @@ class HpcCluster(models.Model):
         With ``ui_id`` the path is relative to that job's working directory;
         without, it must lie in a directory the agent's settings allow.
         """
-        files = ipc.call(commands.ListFiles, cluster_id=self.pk, job_id=ui_id, path=path,
+        files = ipc.call(protocol.ListFiles, cluster_id=self.pk, job_id=ui_id, path=path,
                          recursive=recursive)["files"]
         return [{"path": p, "is_dir": d, "size": s} for p, d, s in files]
 
@@ -134,7 +133,7 @@ class HpcCluster(models.Model):
         allow.  The bytes stream from the agent through hpcd with flow control
         end to end, so memory use does not grow with the file's size.
         """
-        response, chunks = ipc.open_stream(commands.FetchFile, cluster_id=self.pk,
+        response, chunks = ipc.open_stream(protocol.FetchFile, cluster_id=self.pk,
                                            job_id=ui_id, path=path)
         name = response["name"]
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
@@ -160,7 +159,7 @@ class HpcCluster(models.Model):
     def fetch_host_keys(self):
         """The SSH host keys the cluster's server offers now, to check before
         pinning: ``[{"key_type", "fingerprint", "line"}, ...]``."""
-        return ipc.call(commands.ScanHostKeys, cluster_id=self.pk, timeout=90)["keys"]
+        return ipc.call(protocol.ScanHostKeys, cluster_id=self.pk, timeout=90)["keys"]
 
     def pin_host_keys(self, keys):
         """Trust these host keys (from :meth:`fetch_host_keys`) from now on."""
@@ -186,18 +185,18 @@ class ClusterShell:
 
     def __init__(self, cluster):
         self.cluster = cluster
-        self._shell_id = ipc.call(commands.OpenShell, cluster_id=cluster.pk, timeout=120)[
+        self._shell_id = ipc.call(protocol.OpenShell, cluster_id=cluster.pk, timeout=120)[
             "shell_id"]
 
     def exec_command(self, command, stdin=b"", timeout=60):
         """Run ``command`` with a shell; returns a CommandResult (a non-zero
         exit status is a result, not an exception)."""
         if self._shell_id is None:
-            raise commands.NotFound("this connection is closed")
+            raise protocol.NotFound("this connection is closed")
         if isinstance(stdin, str):
             stdin = stdin.encode()
         # The socket waits for the command plus a margin for hpcd's own work.
-        answer = ipc.call(commands.RunCommand, timeout=float(timeout) + 30,
+        answer = ipc.call(protocol.RunCommand, timeout=float(timeout) + 30,
                           shell_id=self._shell_id, command=command, stdin=stdin,
                           timeout_seconds=float(timeout))
         return CommandResult(answer["exit_status"], answer["stdout"], answer["stderr"],
@@ -206,7 +205,7 @@ class ClusterShell:
     def close(self):
         if self._shell_id is not None:
             shell_id, self._shell_id = self._shell_id, None
-            ipc.call(commands.CloseShell, shell_id=shell_id)
+            ipc.call(protocol.CloseShell, shell_id=shell_id)
 
     def __enter__(self):
         return self
@@ -344,8 +343,8 @@ class HpcJob(models.Model):
     def _notify_hpcd(self):
         # hpcd also scans for work periodically; this only saves the wait.
         try:
-            ipc.call(commands.Dispatch, job_id=self.pk)
-        except commands.HpcdError as e:
+            ipc.call(protocol.Dispatch, job_id=self.pk)
+        except protocol.HpcdError as e:
             log.info("job %s will be dispatched when hpcd next scans: %s", self.pk, e)
 
     def _require_cluster(self):
@@ -447,4 +446,4 @@ class WebsocketToken(models.Model):
     def send_message(self, message):
         """Send a wire message (a dict with a ``type``, see hpc_agent.wire) over
         the live connection this token opened."""
-        ipc.call(commands.SendMessage, token_id=self.pk, message=message)
+        ipc.call(protocol.SendMessage, token_id=self.pk, message=message)

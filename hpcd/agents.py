@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from hpc_agent import wire
 from hpc_agent.wire import CLOSE_PROTOCOL
-from hpcd.commands import AgentError, ClusterOffline, Timeout
+from djangoapp.protocol import AgentError, ClusterOffline, Timeout
 
 log = Logger()
 

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from hpc_agent.wire import CLOSE_SHUTDOWN, CLOSE_SUPERSEDED
 from djangoapp.crypto import CredentialKeyError
-from hpcd.commands import ClusterOffline, NotFound
+from djangoapp.protocol import ClusterOffline, NotFound
 from hpcd.launch import LaunchFailed
 
 log = Logger()

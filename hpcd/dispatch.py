@@ -13,7 +13,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from hpc_agent.status import JobStatus
-from hpcd.commands import HpcdError
+from djangoapp.protocol import HpcdError
 
 log = Logger()
 

@@ -1,4 +1,4 @@
-"""The AMP server Django processes talk to (the commands: :mod:`hpcd.commands`).
+"""The AMP server Django processes talk to (the commands: :mod:`djangoapp.protocol`).
 
 Each responder turns an agent's failure into the error class Django sees,
 so a view can tell an offline cluster from a refused path.  AMP buffers a
@@ -11,8 +11,9 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from hpc_agent import wire
-from hpcd import commands, ssh
-from hpcd.commands import AgentError, HpcdError, NotFound, PathRefused, SSHFailed
+from djangoapp import protocol as commands
+from djangoapp.protocol import AgentError, HpcdError, NotFound, PathRefused, SSHFailed
+from hpcd import ssh
 
 log = Logger()
 

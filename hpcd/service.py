@@ -2,10 +2,10 @@
 
 ``makeService`` sets Django up from ``--settings`` (or
 ``DJANGO_SETTINGS_MODULE``) and returns the :class:`Daemon`, a
-``MultiService`` whose start order matters: the database pool first, then
-the two listeners (the agents' websocket and Django's Unix socket), and only
-once both listen the cluster manager and dispatcher, which hand agents the
-listener's real address.  It then tells systemd (or a test) it is ready by
+``MultiService`` whose start order matters: the two listeners first (the
+agents' websocket and Django's Unix socket), and only once both listen its
+child services, in order: the database pool, the cluster manager and the
+dispatcher (which hand agents the listener's real address).  It then tells systemd (or a test) it is ready by
 sending ``READY=1`` to ``$NOTIFY_SOCKET``.
 """
 
@@ -92,10 +92,12 @@ class Daemon(service.MultiService):
         launcher = Launcher(LocalLauncher(reactor), SSHLauncher(reactor, limiter))
         self.clusters = ClusterManager(reactor, self.store, launcher, settings,
                                        lambda: self.public_url)
+        self.clusters.setServiceParent(self)
         self.shells = Shells(reactor, self.store, limiter,
                              float(settings.HPC_SSH_SESSION_IDLE_SECONDS))
         self.dispatcher = Dispatcher(reactor, self.store, self.clusters,
                                      float(settings.HPC_DISPATCH_SCAN_SECONDS))
+        self.dispatcher.setServiceParent(self)
         self.clusters.on_online = lambda cluster_id: self.dispatcher.scan()
         self.transfers = Transfers(self)
         self._server_factory = server_factory
@@ -138,12 +140,13 @@ class Daemon(service.MultiService):
         self._ports.append(unix_port)
         log.info("hpcd listening: agents at {url}, Django at {path}", url=self.public_url,
                  path=path)
-        self.clusters.startService()
-        self.dispatcher.startService()
+        # The children, in the order they were added: the database pool,
+        # then the cluster manager and the dispatcher, which hand agents the
+        # listener's real address and so start only once it is known.
+        super().startService()
         notify_ready()
 
     def startService(self):
-        super().startService()
         d = self._listen()
         d.addErrback(self._failed_to_start)
 
@@ -156,9 +159,6 @@ class Daemon(service.MultiService):
         for port in self._ports:
             yield port.stopListening()
         self._ports = []
-        if self.dispatcher.running:
-            self.dispatcher.stopService()
-        if self.clusters.running:
-            self.clusters.stopService()
         yield self.shells.close_all()
+        # The children in reverse: dispatcher, cluster manager, database pool.
         yield super().stopService()

@@ -13,7 +13,7 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
 from hpcd import ssh
-from hpcd.commands import NotFound, SSHFailed
+from djangoapp.protocol import NotFound, SSHFailed
 from hpcd.launch import ssh_target
 
 log = Logger()

@@ -179,7 +179,12 @@ def _notify_job_class(changes):
 
 
 class Store(service.Service):
-    """Runs the ``*_thd`` functions on hpcd's database thread pool."""
+    """Runs the ``*_thd`` functions on hpcd's database thread pool.
+
+    One explicit method per function, each returning a Deferred: a typo
+    fails at once, a search finds every caller, and the unit tests' fakes
+    are checked against these signatures (tests/unit/hpcd/test_fakes.py).
+    """
 
     name = "store"
 
@@ -193,9 +198,11 @@ class Store(service.Service):
 
     def stopService(self):
         super().stopService()
-        self.pool.stop()
+        if self.pool.started:
+            self.pool.stop()
 
     def run(self, f, *args, **kwargs):
+        """Run ``f`` on the pool, between two ``close_old_connections``."""
         def call():
             close_old_connections()
             try:
@@ -205,9 +212,44 @@ class Store(service.Service):
 
         return threads.deferToThreadPool(self._reactor, self.pool, call)
 
-    def __getattr__(self, name):
-        # store.work(...) runs work_thd(...) on the pool.
-        f = globals().get(f"{name}_thd")
-        if f is None:
-            raise AttributeError(name)
-        return lambda *args, **kwargs: self.run(f, *args, **kwargs)
+    # -- clusters ----------------------------------------------------------------
+
+    def clusters(self):
+        return self.run(clusters_thd)
+
+    def cluster(self, cluster_id):
+        return self.run(cluster_thd, cluster_id)
+
+    def mark_all_offline(self):
+        return self.run(mark_all_offline_thd)
+
+    def set_cluster_state(self, cluster_id, online, detail):
+        return self.run(set_cluster_state_thd, cluster_id, online, detail)
+
+    def set_cluster_detail(self, cluster_id, detail):
+        return self.run(set_cluster_detail_thd, cluster_id, detail)
+
+    # -- tokens ------------------------------------------------------------------
+
+    def issue_token(self, cluster_id, purpose, ttl):
+        return self.run(issue_token_thd, cluster_id, purpose, ttl)
+
+    def claim_token(self, secret, purposes):
+        return self.run(claim_token_thd, secret, purposes)
+
+    def token_cluster(self, token_id):
+        return self.run(token_cluster_thd, token_id)
+
+    def purge_tokens(self, keep_ids, older_than_seconds=86400):
+        return self.run(purge_tokens_thd, keep_ids, older_than_seconds)
+
+    # -- jobs --------------------------------------------------------------------
+
+    def work(self, job_id=None):
+        return self.run(work_thd, job_id)
+
+    def transition(self, job_id, new, detail=""):
+        return self.run(transition_thd, job_id, new, detail)
+
+    def apply_updates(self, cluster_id, updates):
+        return self.run(apply_updates_thd, cluster_id, updates)

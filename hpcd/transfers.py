@@ -17,7 +17,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from hpc_agent import wire
-from hpcd.commands import AgentError, HpcdError, Timeout
+from djangoapp.protocol import AgentError, HpcdError, Timeout
 
 log = Logger()
 

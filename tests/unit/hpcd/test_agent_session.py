@@ -20,7 +20,7 @@ class FakeProtocol:
     def send_frame(self, frame):
         self.frames.append(frame)
 
-    def sendClose(self, code, reason):
+    def sendClose(self, code=None, reason=None):
         self.closed.append((code, reason))
 
 
@@ -29,9 +29,9 @@ class FakeStore:
         self.writes = []  # (cluster_id, batch, deferred)
         self.tokens = []
 
-    def apply_updates(self, cluster_id, batch):
+    def apply_updates(self, cluster_id, updates):
         d = defer.Deferred()
-        self.writes.append((cluster_id, [u["seq"] for u in batch], d))
+        self.writes.append((cluster_id, [u["seq"] for u in updates], d))
         return d
 
     def issue_token(self, cluster_id, purpose, ttl):

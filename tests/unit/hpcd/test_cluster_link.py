@@ -21,6 +21,8 @@ class RecordingManager:
     def report(self, link, detail):
         self.events.append(("report", self.clock.seconds(), detail))
 
+    FAKE_ONLY = ("launches", "reports")
+
     def launches(self):
         return [e[1] for e in self.events if e[0] == "launch"]
 
