@@ -5,8 +5,8 @@
 ``MultiService`` whose start order matters: the two listeners first (the
 agents' websocket and Django's Unix socket), and only once both listen its
 child services, in order: the database pool, the cluster manager and the
-dispatcher (which hand agents the listener's real address).  It then tells systemd (or a test) it is ready by
-sending ``READY=1`` to ``$NOTIFY_SOCKET``.
+dispatcher (which hand agents the listener's real address).  It then tells
+systemd (or a test) it is ready by sending ``READY=1`` to ``$NOTIFY_SOCKET``.
 """
 
 import os
