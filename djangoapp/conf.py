@@ -20,6 +20,15 @@ DEFAULTS = {
     # The URL agents are told to connect to (ws:// or wss://, no path).
     # None: ws://<interface>:<port actually bound>.
     "HPC_WEBSOCKET_PUBLIC_URL": None,
+    # Seconds an agent's websocket opening handshake may take, from TCP
+    # connect to the upgrade (the agent's HPC_HANDSHAKE_TIMEOUT_SECONDS should
+    # match it).
+    "HPC_HANDSHAKE_TIMEOUT_SECONDS": 15.0,
+    # Most websocket connections that have not yet proven a token, in all and
+    # from one address; more are refused at once (agents need one control
+    # connection and one per file being fetched).
+    "HPC_PREAUTH_MAX_CONNECTIONS": 512,
+    "HPC_PREAUTH_MAX_PER_ADDRESS": 64,
     # The Unix socket Django uses to talk to hpcd (created owner-only).
     "HPC_IPC_UNIX_SOCKET": "/tmp/job_controller.sock",
     # Seconds a Django process waits for hpcd's answer before giving up.

@@ -399,17 +399,21 @@ class WebsocketTokenQuerySet(models.QuerySet):
                           token_hash=hash_token(secret))
         return row, secret
 
+    def usable(self, secret, purposes):
+        """The token with this secret if it is of one of ``purposes``,
+        unused and unexpired; else None.  Spends nothing."""
+        return self.filter(token_hash=hash_token(secret), purpose__in=purposes,
+                           used_at__isnull=True).filter(
+            models.Q(expires__isnull=True) | models.Q(expires__gt=timezone.now())).first()
+
     def claim(self, secret, purposes):
         """Spend a token: the row if it was valid, unused and unexpired, else None.
 
         The compare-and-set on ``used_at`` makes it single-use even when two
         connections present it at once.
         """
+        row = self.usable(secret, purposes)
         now = timezone.now()
-        valid = self.filter(token_hash=hash_token(secret), purpose__in=purposes,
-                            used_at__isnull=True).filter(
-            models.Q(expires__isnull=True) | models.Q(expires__gt=now))
-        row = valid.first()
         if row is None or not self.filter(pk=row.pk, used_at__isnull=True).update(used_at=now):
             return None
         row.used_at = now

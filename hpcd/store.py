@@ -83,6 +83,15 @@ def issue_token_thd(cluster_id, purpose, ttl):
     return row.pk, secret
 
 
+def check_token_thd(secret, purposes):
+    """``{"token_id", "cluster_id", "purpose"}`` for a valid token, or None;
+    the token stays unspent (see hpcd.agents)."""
+    row = WebsocketToken.objects.usable(secret, purposes)
+    if row is None:
+        return None
+    return {"token_id": row.pk, "cluster_id": row.cluster_id, "purpose": row.purpose}
+
+
 def claim_token_thd(secret, purposes):
     """``{"token_id", "cluster_id", "purpose"}`` for a valid token, spending it."""
     row = WebsocketToken.objects.claim(secret, purposes)
@@ -280,6 +289,9 @@ class Store(service.Service):
 
     def issue_token(self, cluster_id, purpose, ttl):
         return self.run(issue_token_thd, cluster_id, purpose, ttl)
+
+    def check_token(self, secret, purposes):
+        return self.run(check_token_thd, secret, purposes)
 
     def claim_token(self, secret, purposes):
         return self.run(claim_token_thd, secret, purposes)

@@ -54,8 +54,18 @@ def test_tokens_are_single_use_hashed_and_expire(hpcd, port, cluster):
     assert secret not in row.token_hash and len(secret) >= 40
     first = RawWebsocket(port, "/agent", f"Bearer {secret}")
     assert first.status == 101
+    # Checked at the upgrade, spent by the first frame: a second connection
+    # presenting it before then is upgraded, but only one is ever taken in.
+    second = RawWebsocket(port, "/agent", f"Bearer {secret}")
+    assert second.status == 101
+    first.send(hello())
+    assert json.loads(first.recv()[1])["type"] == "welcome"
+    second.send(hello())
+    opcode, payload = second.recv()
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 4004  # closed: spent
     assert RawWebsocket(port, "/agent", f"Bearer {secret}").status == 403  # replayed
     first.close()
+    second.close()
     row, secret = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
     WebsocketToken.objects.filter(pk=row.pk).update(expires=row.created)
     assert RawWebsocket(port, "/agent", f"Bearer {secret}").status == 403  # expired

@@ -58,6 +58,7 @@ class FakeClusters:
 
 class FakeSettings:
     HPC_AGENT_REQUEST_TIMEOUT = REQUEST_TIMEOUT
+    HPC_AGENT_RESUME_GRACE_SECONDS = 15.0
 
 
 class FakeDaemon:
@@ -126,7 +127,8 @@ def test_hello_with_another_protocol_version_closes_with_4003(session, protocol,
 def test_hello_is_answered_with_welcome_and_a_fresh_resume_token(session, protocol, daemon):
     session.message(hello(), False)
     assert frames(protocol) == [{"type": "welcome", "protocol": wire.PROTOCOL_VERSION,
-                                 "cluster": "3", "resume_token": "secret-1"}]
+                                 "cluster": "3", "resume_token": "secret-1",
+                                 "resume_grace_seconds": 15.0}]
     assert daemon.store.tokens == [(3, "resume", None)]
     assert daemon.clusters.events == ["hello", "ready"]
     assert session.ready and session.hello["hostname"] == "login1"
