@@ -29,8 +29,16 @@ DEFAULTS = {
     # connection and one per file being fetched).
     "HPC_PREAUTH_MAX_CONNECTIONS": 512,
     "HPC_PREAUTH_MAX_PER_ADDRESS": 64,
-    # The Unix socket Django uses to talk to hpcd (created owner-only).
-    "HPC_IPC_UNIX_SOCKET": "/tmp/job_controller.sock",
+    # The Unix socket Django uses to talk to hpcd.  Its directory must be
+    # writable by hpcd's user only.  None: <BASE_DIR>/run/hpcd.sock when the
+    # Django settings define BASE_DIR (hpcd creates run/), else
+    # /run/hpcd/hpcd.sock (RuntimeDirectory=hpcd under systemd).
+    "HPC_IPC_UNIX_SOCKET": None,
+    # Permissions of that socket, and a group to give it (a name), so that a
+    # web server running as another user can be let in on purpose: e.g. mode
+    # 0o660 and the web server's group.  Default: hpcd's user only.
+    "HPC_IPC_SOCKET_MODE": 0o600,
+    "HPC_IPC_SOCKET_GROUP": None,
     # Seconds a Django process waits for hpcd's answer before giving up.
     "HPC_IPC_TIMEOUT": 30.0,
     # Bytes per read when streaming a file to a Django response.

@@ -6,11 +6,18 @@ build and parse boxes.  One connection per thread, opened on first use and
 reopened once after an hpcd restart.  Errors hpcd reports arrive as the
 exception classes in :mod:`djangoapp.protocol`; an unreachable or silent hpcd
 raises :class:`HpcdUnavailable`.
+
+The socket is trusted only as far as its directory is: hpcd refuses to
+listen in a directory other users can write (where one of them could bind
+the path first and receive Django's commands), and before sending anything
+this client checks that the process at the other end (``SO_PEERCRED``) runs
+as the owner of that directory, as root, or as this process's own user.
 """
 
 import itertools
 import os
 import socket
+import stat
 import struct
 import threading
 
@@ -24,6 +31,65 @@ __all__ = ["call", "open_stream", "HpcdUnavailable", "HpcdError"]
 
 class HpcdUnavailable(HpcdError):
     """hpcd is not running, or did not answer in time."""
+
+
+# -- where the socket is, and whether to trust it ---------------------------------
+
+def socket_path():
+    """``HPC_IPC_UNIX_SOCKET``, or its default: ``<BASE_DIR>/run/hpcd.sock``
+    when the Django settings define ``BASE_DIR`` (as ``startproject`` writes
+    them), else ``/run/hpcd/hpcd.sock`` (systemd's ``RuntimeDirectory=hpcd``)."""
+    from django.conf import settings
+
+    path = hpc_settings.HPC_IPC_UNIX_SOCKET
+    if path:
+        return str(path)
+    base = getattr(settings, "BASE_DIR", None)
+    if base:
+        return os.path.join(str(base), "run", "hpcd.sock")
+    return "/run/hpcd/hpcd.sock"
+
+
+def socket_directory_problem(path):
+    """Why the directory of socket ``path`` is unsafe for it, or None.
+
+    Safe: it exists, only its owner may write it, and no directory above it
+    lets others rename it (writable by all without the sticky bit).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return (f"directory {directory} does not exist; create it for the user hpcd runs "
+                "as (writable by that user only), or use RuntimeDirectory=hpcd under systemd")
+    except OSError as e:
+        return f"directory {directory} cannot be examined: {e.strerror}"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"directory {directory} is writable by other users (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}), so one of them could put their own "
+                "socket in hpcd's place; use a directory only hpcd's user can write, "
+                "e.g. /run/hpcd (RuntimeDirectory=hpcd under systemd)")
+    parent = directory
+    while parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+        mode = os.stat(parent).st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            return (f"directory {parent}, above {directory}, is writable by all users "
+                    "without the sticky bit, so one of them could replace the socket's "
+                    "directory; move the socket elsewhere")
+    return None
+
+
+def _trusted_uids(path):
+    uids = {0, os.getuid()}
+    if socket_directory_problem(path) is None:
+        uids.add(os.stat(os.path.dirname(os.path.abspath(path))).st_uid)
+    return uids
+
+
+def _peer_uid(sock):
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 _local = threading.local()
@@ -41,6 +107,13 @@ class _Connection:
             raise HpcdUnavailable(
                 f"cannot reach hpcd at {path} ({e.strerror or e}); is `twistd hpcd` running "
                 "with the same HPC_IPC_UNIX_SOCKET?") from None
+        peer = _peer_uid(self.sock)
+        if peer not in _trusted_uids(path):
+            self.sock.close()
+            raise HpcdUnavailable(
+                f"the process listening at {path} runs as uid {peer}, not as the owner of "
+                "the socket's directory; refusing to talk to it (is the directory safe? "
+                "see manage.py check)")
         self._buffer = bytearray()
         self.pid = os.getpid()
 
@@ -108,7 +181,7 @@ def call(command, /, timeout=None, **arguments):
     restarted) is replaced once.  A command whose answer was lost mid-way is
     not repeated: it may have been acted on.
     """
-    path = hpc_settings.HPC_IPC_UNIX_SOCKET
+    path = socket_path()
     connection = getattr(_local, "connection", None)
     if connection is not None and (connection.pid != os.getpid()
                                    or getattr(_local, "path", None) != path):
@@ -154,7 +227,7 @@ def open_stream(command, /, **arguments):
     follow (exactly ``response["size"]`` of them) and raises
     :class:`HpcdError` if the stream ends early.
     """
-    connection = _Connection(hpc_settings.HPC_IPC_UNIX_SOCKET, _timeout())
+    connection = _Connection(socket_path(), _timeout())
     try:
         response = _ask(connection, command, arguments)
     except HpcdError:

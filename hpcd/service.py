@@ -16,7 +16,11 @@ import sys
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
-from twisted.python import usage
+from twisted.python import failure, usage
+
+from hpcd import control_socket
+from hpcd.control_socket import StartupError
+from djangoapp.ipc import socket_path
 
 log = Logger()
 
@@ -103,6 +107,7 @@ class Daemon(service.MultiService):
         self._server_factory = server_factory
         self._control_factory = ControlFactory(self)
         self._ports = []
+        self._socket_lock = None
 
     def _websocket_endpoint(self):
         s = self.settings
@@ -123,42 +128,73 @@ class Daemon(service.MultiService):
             host = f"[{host}]"
         return f"ws://{host}:{port.getHost().port}"
 
-    @defer.inlineCallbacks
-    def _listen(self):
-        ws_port = yield self._websocket_endpoint().listen(
-            self._server_factory(self, "ws://localhost"))
+    def privilegedStartService(self):
+        """Bind both listeners now, before the reactor runs, so that a start
+        that cannot work (a port in use, an unsafe or missing socket
+        directory, another hpcd) exits at once with one line saying why."""
+        try:
+            self._bind()
+        except StartupError as e:
+            for port in self._ports:
+                port.stopListening()
+            self._ports = []
+            # Printed once, on stderr (which twistd sends to its log).
+            raise SystemExit(f"hpcd cannot start: {e}") from None
+        super().privilegedStartService()
+
+    def _bind(self):
+        s = self.settings
+        ws_port = _listened(
+            self._websocket_endpoint().listen(self._server_factory(self, "ws://localhost")),
+            lambda why: f"cannot listen for agents ({why}); set HPC_WEBSOCKET_PORT or "
+                        "HPC_WEBSOCKET_ENDPOINT, or stop what uses the port")
         self._ports.append(ws_port)
         self.public_url = self._public_url(ws_port)
-        path = self.settings.HPC_IPC_UNIX_SOCKET
-        # Owner-only from the first moment: chmod after bind leaves a window.
+        path = socket_path()
+        group = s.HPC_IPC_SOCKET_GROUP
+        self._socket_lock = control_socket.prepare(path, not s.HPC_IPC_UNIX_SOCKET, group)
+        # Owner-only from the first moment; the configured mode comes after.
         old_umask = os.umask(0o077)
         try:
-            unix_port = yield endpoints.UNIXServerEndpoint(
-                self.reactor, path, mode=0o600, wantPID=True).listen(self._control_factory)
+            unix_port = _listened(
+                endpoints.UNIXServerEndpoint(self.reactor, path, mode=0o600,
+                                             wantPID=False).listen(self._control_factory),
+                lambda why: f"cannot listen on {path} ({why})")
         finally:
             os.umask(old_umask)
         self._ports.append(unix_port)
+        control_socket.finish(path, int(s.HPC_IPC_SOCKET_MODE), group)
         log.info("hpcd listening: agents at {url}, Django at {path}", url=self.public_url,
                  path=path)
+
+    def startService(self):
         # The children, in the order they were added: the database pool,
         # then the cluster manager and the dispatcher, which hand agents the
         # listener's real address and so start only once it is known.
         super().startService()
         notify_ready()
 
-    def startService(self):
-        d = self._listen()
-        d.addErrback(self._failed_to_start)
-
-    def _failed_to_start(self, failure):
-        log.failure("hpcd could not start", failure)
-        self.reactor.stop()
-
     @defer.inlineCallbacks
     def stopService(self):
         for port in self._ports:
             yield port.stopListening()
         self._ports = []
+        if self._socket_lock is not None:
+            self._socket_lock.unlock()
+            self._socket_lock = None
         yield self.shells.close_all()
         # The children in reverse: dispatcher, cluster manager, database pool.
         yield super().stopService()
+
+
+def _listened(d, describe):
+    """The port a just-made ``listen()`` Deferred holds; TCP and Unix
+    endpoints bind synchronously, so it has fired already."""
+    result = []
+    d.addBoth(result.append)
+    if not result:
+        raise StartupError(describe("the endpoint did not bind at once; use a tcp:, ssl:, "
+                                    "unix: or systemd: endpoint"))
+    if isinstance(result[0], failure.Failure):
+        raise StartupError(describe(result[0].getErrorMessage()))
+    return result[0]

@@ -74,6 +74,10 @@ for _name in ("HPC_WEBSOCKET_INTERFACE", "HPC_WEBSOCKET_ENDPOINT", "HPC_AGENT_PI
               "HPC_AGENT_CONNECT_TIMEOUT", "HPC_WEBSOCKET_PUBLIC_URL"):
     if _name in os.environ:
         globals()[_name] = os.environ[_name]
+if "HPC_IPC_SOCKET_MODE" in os.environ:
+    HPC_IPC_SOCKET_MODE = int(os.environ["HPC_IPC_SOCKET_MODE"], 0)
+if "HPC_IPC_SOCKET_GROUP" in os.environ:
+    HPC_IPC_SOCKET_GROUP = os.environ["HPC_IPC_SOCKET_GROUP"]
 # Test-only Fernet key for the cluster credentials (djangoapp.crypto).
 HPC_CREDENTIAL_KEYS = ["IE2SCdRIt7btCajHo6VUXWuVdSKiESEYkHqORPjDZSQ="]
 
