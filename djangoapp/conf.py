@@ -55,6 +55,10 @@ DEFAULTS = {
     # Seconds hpcd waits, after it starts or loses an agent, for the agent to
     # come back by itself before it launches a new one.
     "HPC_AGENT_RESUME_GRACE_SECONDS": 15.0,
+    # Seconds an agent may take to come back with its resume token after its
+    # connection was lost (or hpcd stopped); later, only a new launch brings
+    # it back.  Longer than the agent's HPC_RECONNECT_SECONDS (600).
+    "HPC_AGENT_RESUME_TOKEN_TTL_SECONDS": 3600.0,
     # Seconds hpcd waits for a launched agent to connect before retrying.
     "HPC_AGENT_CONNECT_TIMEOUT": 60.0,
     # Seconds between websocket pings to each agent; one unanswered for three

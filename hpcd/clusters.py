@@ -238,7 +238,7 @@ class ClusterManager(service.Service):
 
     def startService(self):
         super().startService()
-        d = self._store.mark_all_offline()
+        d = self._store.mark_all_offline(self._resume_ttl())
         d.addCallback(lambda _: self.refresh())
         d.addErrback(lambda f: log.failure("loading clusters failed", f))
         self._refresher = task.LoopingCall(self._refresh_quietly)
@@ -257,6 +257,13 @@ class ClusterManager(service.Service):
                 loop.stop()
         for link in self.links.values():
             link.stop()
+        # A clean stop: the admin must not show clusters online meanwhile.
+        # (The store runs this before its pool stops: queued work goes first.)
+        return self._store.mark_all_offline(self._resume_ttl()).addErrback(
+            lambda f: log.failure("marking clusters offline failed", f))
+
+    def _resume_ttl(self):
+        return float(self._settings.HPC_AGENT_RESUME_TOKEN_TTL_SECONDS)
 
     def _refresh_quietly(self):
         return self.refresh().addErrback(lambda f: log.failure("refreshing clusters failed", f))
@@ -396,5 +403,6 @@ class ClusterManager(service.Service):
         link = self.links.get(session.cluster_id)
         if link is not None:
             self._input(link, link.agent_lost)
-        self._store.set_cluster_state(session.cluster_id, False, "agent connection lost") \
+        self._store.set_cluster_state(session.cluster_id, False, "agent connection lost",
+                                      self._resume_ttl()) \
             .addErrback(lambda f: log.failure("recording cluster state failed", f))

@@ -10,6 +10,7 @@ systemd (or a test) it is ready by sending ``READY=1`` to ``$NOTIFY_SOCKET``.
 """
 
 import os
+import resource
 import socket
 import sys
 
@@ -132,6 +133,7 @@ class Daemon(service.MultiService):
         """Bind both listeners now, before the reactor runs, so that a start
         that cannot work (a port in use, an unsafe or missing socket
         directory, another hpcd) exits at once with one line saying why."""
+        raise_file_limit()
         try:
             self._bind()
         except StartupError as e:
@@ -185,6 +187,19 @@ class Daemon(service.MultiService):
         yield self.shells.close_all()
         # The children in reverse: dispatcher, cluster manager, database pool.
         yield super().stopService()
+
+
+def raise_file_limit(ceiling=65536):
+    """Raise the soft limit on open files to the hard one (at most
+    ``ceiling``): every agent and every transfer holds a descriptor, and the
+    usual soft limit of 1,024 is soon reached.  At the limit, new connections
+    wait in the kernel's listen backlog until descriptors free up (Twisted
+    logs "Out of file descriptors"); Django's socket is one of them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = ceiling if hard == resource.RLIM_INFINITY else min(hard, max(soft, ceiling))
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    log.info("hpcd may hold {n} open files", n=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def _listened(d, describe):

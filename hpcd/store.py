@@ -55,15 +55,29 @@ def cluster_thd(cluster_id):
             "key": c.key, "password": c.password, "host_key": c.host_key}
 
 
-def mark_all_offline_thd():
-    """At start: nothing is connected to a daemon that just started."""
-    HpcCluster.objects.filter(online=True).update(online=False, connected_since=None)
+def mark_all_offline_thd(resume_ttl):
+    """At start and at a clean stop: nothing is connected to this daemon."""
+    with transaction.atomic():
+        HpcCluster.objects.filter(online=True).update(online=False, connected_since=None)
+        _arm_resume_tokens(WebsocketToken.objects.all(), resume_ttl)
 
 
-def set_cluster_state_thd(cluster_id, online, detail):
-    HpcCluster.objects.filter(pk=cluster_id).update(
-        online=online, status_detail=detail,
-        connected_since=timezone.now() if online else None)
+def set_cluster_state_thd(cluster_id, online, detail, resume_ttl=None):
+    """Record a cluster's agent as connected or not; when it goes, its resume
+    token starts to expire (``resume_ttl`` seconds)."""
+    with transaction.atomic():
+        HpcCluster.objects.filter(pk=cluster_id).update(
+            online=online, status_detail=detail,
+            connected_since=timezone.now() if online else None)
+        if not online and resume_ttl is not None:
+            _arm_resume_tokens(WebsocketToken.objects.filter(cluster_id=cluster_id), resume_ttl)
+
+
+def _arm_resume_tokens(tokens, ttl):
+    # A resume token has no expiry while its connection lives (that may be
+    # months); from the moment the connection is gone it has ``ttl`` seconds.
+    tokens.filter(purpose="resume", used_at__isnull=True, expires__isnull=True).update(
+        expires=timezone.now() + timedelta(seconds=ttl))
 
 
 def set_cluster_detail_thd(cluster_id, detail):
@@ -276,11 +290,11 @@ class Store(service.Service):
     def cluster(self, cluster_id):
         return self.run(cluster_thd, cluster_id)
 
-    def mark_all_offline(self):
-        return self.run(mark_all_offline_thd)
+    def mark_all_offline(self, resume_ttl):
+        return self.run(mark_all_offline_thd, resume_ttl)
 
-    def set_cluster_state(self, cluster_id, online, detail):
-        return self.run(set_cluster_state_thd, cluster_id, online, detail)
+    def set_cluster_state(self, cluster_id, online, detail, resume_ttl=None):
+        return self.run(set_cluster_state_thd, cluster_id, online, detail, resume_ttl)
 
     def set_cluster_detail(self, cluster_id, detail):
         return self.run(set_cluster_detail_thd, cluster_id, detail)

@@ -105,3 +105,11 @@ def test_django_refuses_a_socket_bound_by_another_user(tmp_path, settings):
     finally:
         import shutil
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_clean_stop_marks_clusters_offline(local_cluster, hpcd):
+    from djangoapp.models import HpcCluster
+
+    assert HpcCluster.objects.get(pk=local_cluster.pk).online
+    hpcd.stop()
+    assert not HpcCluster.objects.get(pk=local_cluster.pk).online
