@@ -43,6 +43,10 @@ DEFAULTS = {
     "HPC_IPC_TIMEOUT": 30.0,
     # Bytes per read when streaming a file to a Django response.
     "HPC_FILE_CONNECTION_CHUNK_SIZE": 1024 * 1024,
+    # A file streamed to Django more slowly than this (bytes per second of
+    # waiting for it, over 10 s) is aborted, so a stalled transfer cannot hold
+    # a web worker.
+    "HPC_FILE_MIN_BYTES_PER_SECOND": 8192,
     # Dotted path of the job model hpcd loads and updates (HpcJob or a subclass).
     "HPC_JOB_CLASS": "djangoapp.models.HpcJob",
     # Seconds a single-use launch or file token stays valid.

@@ -20,11 +20,12 @@ import socket
 import stat
 import struct
 import threading
+import time
 
 from twisted.protocols import amp
 
 from djangoapp.conf import hpc_settings
-from djangoapp.protocol import ERROR_CLASSES, HpcdError
+from djangoapp.protocol import ERROR_CLASSES, TRAILER_OK, TRAILER_SIZE, HpcdError
 
 __all__ = ["call", "open_stream", "HpcdUnavailable", "HpcdError"]
 
@@ -224,8 +225,12 @@ def open_stream(command, /, **arguments):
     """Send a protocol-switching command on a connection of its own.
 
     Returns ``(response, chunks)`` where ``chunks`` yields the raw bytes that
-    follow (exactly ``response["size"]`` of them) and raises
-    :class:`HpcdError` if the stream ends early.
+    follow (exactly ``response["size"]`` of them).  After the last one it
+    reads hpcd's trailer, and raises :class:`HpcdError` instead of finishing
+    when the trailer is missing (the file arrived damaged), when the stream
+    ends early, or when it arrives slower than ``HPC_FILE_MIN_BYTES_PER_SECOND``
+    (time spent waiting for hpcd only: a slow reader of the response does not
+    count), so a stalled transfer cannot hold a web worker for long.
     """
     connection = _Connection(socket_path(), _timeout())
     try:
@@ -236,21 +241,63 @@ def open_stream(command, /, **arguments):
     except OSError as e:
         connection.close()
         raise HpcdUnavailable(f"talking to hpcd failed: {e}") from None
+    if not isinstance(response.get("size"), int) or response["size"] < 0:
+        connection.close()
+        raise HpcdError(f"hpcd announced an impossible size ({response.get('size')!r})")
     chunk_size = int(hpc_settings.HPC_FILE_CONNECTION_CHUNK_SIZE)
+    meter = _RateMeter(float(hpc_settings.HPC_FILE_MIN_BYTES_PER_SECOND))
+
+    def read(limit):
+        started = time.monotonic()
+        try:
+            data = connection.read_raw(limit)
+        except (socket.timeout, OSError) as e:
+            raise HpcdError(f"file transfer failed: {e}") from None
+        meter.add(len(data), time.monotonic() - started)
+        return data
 
     def chunks():
         remaining = response["size"]
         try:
             while remaining > 0:
-                try:
-                    data = connection.read_raw(min(chunk_size, remaining))
-                except (socket.timeout, OSError) as e:
-                    raise HpcdError(f"file transfer failed: {e}") from None
+                data = read(min(chunk_size, remaining))
                 if not data:
                     raise HpcdError(f"file transfer ended {remaining} bytes early")
                 remaining -= len(data)
                 yield data
+            trailer = b""
+            while len(trailer) < TRAILER_SIZE:
+                data = read(TRAILER_SIZE - len(trailer))
+                if not data:
+                    break
+                trailer += data
+            if not trailer.startswith(TRAILER_OK) or len(trailer) != TRAILER_SIZE:
+                raise HpcdError("the file arrived damaged: hpcd found its bytes did not match "
+                                "the agent's checksum, or the transfer was cut off at its end")
         finally:
             connection.close()
 
     return response, chunks()
+
+
+class _RateMeter:
+    """Fails a stream that, over each 10 s of waiting for it, brings fewer
+    than ``minimum`` bytes per second."""
+
+    WINDOW = 10.0
+
+    def __init__(self, minimum):
+        self._minimum = minimum
+        self._waited = 0.0
+        self._got = 0
+
+    def add(self, nbytes, waited):
+        self._waited += waited
+        self._got += nbytes
+        if self._waited >= self.WINDOW:
+            rate = self._got / self._waited
+            if rate < self._minimum:
+                raise HpcdError(f"the file arrived at {rate:.0f} bytes/s, below "
+                                f"HPC_FILE_MIN_BYTES_PER_SECOND ({self._minimum:g}); "
+                                "transfer aborted")
+            self._waited, self._got = 0.0, 0

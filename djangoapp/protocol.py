@@ -18,8 +18,8 @@ __all__ = [
     # errors
     "HpcdError", "ClusterOffline", "NotFound", "PathRefused", "AgentError", "Timeout",
     "SSHFailed", "ERROR_CLASSES",
-    # argument types
-    "Bytes", "JSONValue",
+    # argument types, and the end of a streamed file
+    "Bytes", "JSONValue", "TRAILER_OK", "TRAILER_SIZE",
     # commands
     "IsClusterOnline", "TryConnect", "Dispatch", "ListFiles", "FetchFile", "SendMessage",
     "ScanHostKeys", "OpenShell", "RunCommand", "CloseShell",
@@ -148,9 +148,16 @@ class ListFiles(amp.Command):
     errors = _ERRORS
 
 
+#: After the bytes of a file, hpcd writes this and the file's 32-byte SHA-256,
+#: once it has checked the bytes against the agent's end marker.  A stream
+#: without it failed, even if every byte arrived.
+TRAILER_OK = b"OK"
+TRAILER_SIZE = len(TRAILER_OK) + 32
+
+
 class FetchFile(amp.ProtocolSwitchCommand):
     """Stream a file: the answer carries its size, then the connection
-    carries exactly that many bytes and closes."""
+    carries exactly that many bytes, the trailer, and closes."""
 
     arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer(optional=True)),
                  (b"path", amp.Unicode())]

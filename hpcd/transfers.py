@@ -4,20 +4,26 @@ Django sends ``FetchFile`` on an AMP connection of its own.  hpcd issues a
 single-use file token, asks the agent (over its control connection) to open
 a ``/file`` websocket with it, and answers ``FetchFile`` with the size and
 name once the agent's header arrives; the AMP connection then carries the
-raw bytes.  Flow control runs end to end the way
-``twisted.protocols.portforward`` does it: the agent's TCP transport is
-registered as the producer of the Django connection, so when Django reads
-slowly hpcd stops reading from the agent, TCP pushes back, and the agent's
-file producer pauses.  Memory stays flat whatever the file size.
+raw bytes, and after the last one a trailer: ``TRAILER_OK`` and the SHA-256
+the agent announced, written only once hpcd has checked that the bytes match
+it.  A transfer that fails is cut off without a trailer, so Django can tell
+a damaged file from a complete one even when every byte arrived.
+
+Flow control runs end to end the way ``twisted.protocols.portforward`` does
+it: the agent's TCP transport is registered as the producer of the Django
+connection, so when Django reads slowly hpcd stops reading from the agent,
+TCP pushes back, and the agent's file producer pauses.  Memory stays flat
+whatever the file size.
 """
 
 import hashlib
 
+from automat import MethodicalMachine
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from djangoapp.protocol import TRAILER_OK, AgentError, HpcdError, Timeout
 from hpc_agent import wire
-from djangoapp.protocol import AgentError, HpcdError, Timeout
 
 log = Logger()
 
@@ -29,7 +35,7 @@ class Sink(protocol.Protocol):
         self.transfer = transfer
 
     def connectionMade(self):
-        self.transfer.sink_ready(self)
+        self.transfer.sink_connected(self)
 
     def dataReceived(self, data):
         pass  # Django sends nothing after the switch.
@@ -39,7 +45,17 @@ class Sink(protocol.Protocol):
 
 
 class Transfer:
-    """One file on its way; holds both ends once they are connected."""
+    """One file on its way, an Automat machine.
+
+    The agent's header comes first and answers Django's ``FetchFile``; bytes
+    that arrive before Django's end is connected are held (the agent is
+    paused meanwhile), then the agent's transport becomes the producer of
+    Django's.  The end marker is checked against what arrived; only then is
+    the trailer written.  The machine does no I/O of its own: it writes to
+    the transports of the two ends it is given.
+    """
+
+    _machine = MethodicalMachine()
 
     def __init__(self, token_id, reactor, timeout):
         self.token_id = token_id
@@ -51,91 +67,225 @@ class Transfer:
         self.received = 0
         self.sha256 = hashlib.sha256()
         self._early = []
-        self.finished = False
 
-    # -- the agent's side ------------------------------------------------------
+    # -- states ------------------------------------------------------------------
 
-    def message(self, payload, is_binary):
-        if is_binary:
-            self._data(payload)
-            return
-        try:
-            message = wire.decode(payload, accept={"file_header", "file_end", "file_error"})
-        except wire.ProtocolError as e:
-            self.fail(f"bad frame from the agent: {e.message}")
-            return
-        getattr(self, f"_on_{message['type']}")(message)
+    @_machine.state(initial=True)
+    def announcing(self):
+        "Waiting for the agent's header."
 
-    def _on_file_header(self, message):
-        if self.size is not None:
-            self.fail("second header")
-            return
-        self.size = message["size"]
+    @_machine.state()
+    def holding(self):
+        "Header in; Django's end not connected yet: bytes are held."
+
+    @_machine.state()
+    def relaying(self):
+        "Both ends connected: bytes flow with flow control."
+
+    @_machine.state()
+    def complete_held(self):
+        "Every byte arrived and checked before Django's end connected."
+
+    @_machine.state()
+    def done(self):
+        "Django has every byte and the trailer."
+
+    @_machine.state()
+    def failed(self):
+        "Cut off; Django sees no trailer."
+
+    # -- inputs ------------------------------------------------------------------
+
+    @_machine.input()
+    def header_received(self, size, name):
+        "The agent's file_header, checked."
+
+    @_machine.input()
+    def data_received(self, data):
+        "Bytes from the agent, within the announced size."
+
+    @_machine.input()
+    def end_received(self):
+        "The agent's file_end, matching what arrived."
+
+    @_machine.input()
+    def broke(self, why):
+        "Something went wrong: bad input, an early close, a timeout."
+
+    @_machine.input()
+    def sink_connected(self, sink):
+        "Django's end switched to the byte stream."
+
+    @_machine.input()
+    def sink_lost(self):
+        "Django's end closed."
+
+    @_machine.input()
+    def source_lost(self):
+        "The agent's transfer connection closed."
+
+    # -- outputs -----------------------------------------------------------------
+
+    @_machine.output()
+    def _announce(self, size, name):
+        self.size = size
         # Hold the agent until Django's end is connected.
         self.source.transport.pauseProducing()
         if not self.header.called:
-            self.header.callback((message["size"], message["name"]))
+            self.header.callback((size, name))
 
-    def _data(self, data):
-        if self.size is None or self.received + len(data) > self.size:
-            self.fail("the agent sent more bytes than announced")
-            return
-        self.received += len(data)
-        self.sha256.update(data)
-        if self.sink is None:
-            self._early.append(data)
-        else:
-            self.sink.transport.write(data)
+    @_machine.output()
+    def _hold(self, data):
+        self._early.append(data)
 
-    def _on_file_end(self, message):
-        if (message["size"], message["sha256"]) != (self.received, self.sha256.hexdigest()):
-            self.fail(f"the file arrived damaged ({self.received} of {message['size']} "
-                      "bytes, or a checksum mismatch)")
-            return
-        self.finished = True
-        self.source.send_frame(wire.encode("file_done", size=self.received))
-        if self.sink is not None:
-            self.sink.transport.unregisterProducer()
-            self.sink.transport.loseConnection()
+    @_machine.output()
+    def _write(self, data):
+        self.sink.transport.write(data)
 
-    def _on_file_error(self, message):
-        self.fail(f"the agent failed to send the file: {message['message']}")
-
-    def source_lost(self):
-        if not self.finished:
-            self.fail("the agent's transfer connection closed early")
-
-    # -- Django's side ---------------------------------------------------------
-
-    def sink_ready(self, sink):
+    @_machine.output()
+    def _attach(self, sink):
         self.sink = sink
-        for data in self._early:
+        early, self._early = self._early, []
+        for data in early:
             sink.transport.write(data)
-        self._early = []
-        if self.finished:
-            sink.transport.loseConnection()
-        elif self.source is not None:
-            sink.transport.registerProducer(self.source.transport, True)
-            self.source.transport.resumeProducing()
 
-    def sink_lost(self):
-        if not self.finished:
-            self.fail("the Django process stopped reading")
+    @_machine.output()
+    def _start_flow(self, sink):
+        sink.transport.registerProducer(self.source.transport, True)
+        self.source.transport.resumeProducing()
 
-    # -- failure ---------------------------------------------------------------
+    @_machine.output()
+    def _confirm(self):
+        self.source.send_frame(wire.encode("file_done", size=self.received))
 
-    def fail(self, why):
-        if self.finished:
-            return
-        self.finished = True
+    @_machine.output()
+    def _stop_flow(self):
+        self.sink.transport.unregisterProducer()
+
+    @_machine.output()
+    def _finish(self):
+        self._write_trailer()
+
+    @_machine.output()
+    def _finish_late(self, sink):
+        self._write_trailer()
+
+    def _write_trailer(self):
+        self.sink.transport.write(TRAILER_OK + self.sha256.digest())
+        self.sink.transport.loseConnection()
+
+    @_machine.output()
+    def _refuse_sink(self, sink):
+        sink.transport.abortConnection()
+
+    @_machine.output()
+    def _cut_off_because(self, why):
+        self._abort(why)
+
+    @_machine.output()
+    def _source_gone(self):
+        self._abort("the agent's transfer connection closed early")
+
+    @_machine.output()
+    def _sink_gone(self):
+        self._abort("the Django process stopped reading")
+
+    def _abort(self, why):
         log.warn("transfer {id} failed: {why}", id=self.token_id, why=why)
         if not self.header.called:
             self.header.errback(AgentError(why))
         if self.source is not None:
             self.source.sendClose(1000, why[:100])
         if self.sink is not None:
-            # Django sees the stream end before the announced size: an error.
+            # Django sees the stream end without a trailer: an error.
             self.sink.transport.abortConnection()
+
+    # -- transitions -------------------------------------------------------------
+
+    announcing.upon(header_received, enter=holding, outputs=[_announce])
+    announcing.upon(broke, enter=failed, outputs=[_cut_off_because])
+    announcing.upon(source_lost, enter=failed, outputs=[_source_gone])
+
+    holding.upon(data_received, enter=holding, outputs=[_hold])
+    holding.upon(sink_connected, enter=relaying, outputs=[_attach, _start_flow])
+    holding.upon(end_received, enter=complete_held, outputs=[_confirm])
+    holding.upon(broke, enter=failed, outputs=[_cut_off_because])
+    holding.upon(source_lost, enter=failed, outputs=[_source_gone])
+    holding.upon(sink_lost, enter=failed, outputs=[_sink_gone])
+
+    relaying.upon(data_received, enter=relaying, outputs=[_write])
+    relaying.upon(end_received, enter=done, outputs=[_confirm, _stop_flow, _finish])
+    relaying.upon(broke, enter=failed, outputs=[_cut_off_because])
+    relaying.upon(source_lost, enter=failed, outputs=[_source_gone])
+    relaying.upon(sink_lost, enter=failed, outputs=[_sink_gone])
+
+    complete_held.upon(sink_connected, enter=done, outputs=[_attach, _finish_late])
+    # The agent closes once it has file_done: nothing is lost.
+    complete_held.upon(source_lost, enter=complete_held, outputs=[])
+    complete_held.upon(sink_lost, enter=failed, outputs=[])
+    complete_held.upon(broke, enter=failed, outputs=[])
+
+    for _state in (done, failed):
+        _state.upon(source_lost, enter=_state, outputs=[])
+        _state.upon(sink_lost, enter=_state, outputs=[])
+        _state.upon(broke, enter=_state, outputs=[])
+        _state.upon(data_received, enter=_state, outputs=[])
+        _state.upon(end_received, enter=_state, outputs=[])
+        _state.upon(header_received, enter=_state, outputs=[])
+    # Django's end may still switch over after a failure it has not seen.
+    failed.upon(sink_connected, enter=failed, outputs=[_refuse_sink])
+    del _state
+
+    # -- the agent's frames, checked before they become inputs -------------------
+
+    def message(self, payload, is_binary):
+        if is_binary:
+            if self.size is None or self.received + len(payload) > self.size:
+                self.broke("the agent sent more bytes than announced")
+                return
+            self.received += len(payload)
+            self.sha256.update(payload)
+            self.data_received(payload)
+            return
+        try:
+            message = wire.decode(payload, accept={"file_header", "file_end", "file_error"})
+        except wire.ProtocolError as e:
+            self.broke(f"bad frame from the agent: {e.message}")
+            return
+        kind = message["type"]
+        if kind == "file_header":
+            problem = _header_problem(message, self.size)
+            if problem:
+                self.broke(problem)
+            else:
+                self.header_received(message["size"], message["name"])
+        elif kind == "file_end":
+            if (message["size"], message["sha256"]) != (self.received,
+                                                        self.sha256.hexdigest()):
+                self.broke(f"the file arrived damaged ({self.received} of {message['size']} "
+                           "bytes, or a checksum mismatch)")
+            else:
+                self.end_received()
+        else:
+            self.broke(f"the agent failed to send the file: {message['message']}")
+
+    def fail(self, why):
+        self.broke(why)
+
+
+#: The largest size a file header may announce (2**53: exact as a JSON number).
+MAX_FILE_SIZE = 2 ** 53
+
+
+def _header_problem(message, size_so_far):
+    if size_so_far is not None:
+        return "second header"
+    if not 0 <= message["size"] <= MAX_FILE_SIZE:
+        return f"the agent announced an impossible size ({message['size']})"
+    name = message["name"]
+    if not name or "/" in name or "\0" in name or len(name) > 4096:
+        return f"the agent announced an impossible file name ({name[:64]!r})"
+    return None
 
 
 class Transfers:

@@ -1,0 +1,134 @@
+"""A file's relay from the agent to Django (hpcd.transfers.Transfer), driven
+with StringTransports and a Clock: the flow-control order first."""
+
+import hashlib
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from djangoapp.protocol import TRAILER_OK, AgentError
+from hpc_agent import wire
+from hpcd.transfers import Sink, Transfer
+
+
+class Source:
+    """The agent's /file websocket, as the transfer sees it."""
+
+    def __init__(self):
+        self.transport = StringTransport()
+        self.frames = []
+        self.closed = []
+
+    def send_frame(self, frame):
+        self.frames.append(wire.decode(frame))
+
+    def sendClose(self, code=None, reason=None):
+        self.closed.append((code, reason))
+
+
+@pytest.fixture
+def transfer():
+    t = Transfer(token_id=1, reactor=Clock(), timeout=30)
+    t.source = Source()
+    t.headers = []
+    t.header.addBoth(t.headers.append)
+    return t
+
+
+def header(size=6, name="out.txt"):
+    return wire.encode("file_header", size=size, name=name)
+
+
+def end(data):
+    return wire.encode("file_end", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def connect_sink(transfer):
+    sink = Sink(transfer)
+    sink.makeConnection(StringTransport())
+    return sink.transport
+
+
+def trailer(data):
+    return TRAILER_OK + hashlib.sha256(data).digest()
+
+
+def test_the_header_answers_django_and_holds_the_agent_until_django_connects(transfer):
+    transfer.message(header(), False)
+    assert transfer.headers == [(6, "out.txt")]
+    assert transfer.source.transport.producerState == "paused"
+    transfer.message(b"abc", True)  # already in flight: kept
+    sink = connect_sink(transfer)
+    assert sink.value() == b"abc"
+    assert sink.producer is transfer.source.transport and sink.streaming
+    assert transfer.source.transport.producerState == "producing"
+    transfer.message(b"def", True)
+    assert sink.value() == b"abcdef"
+    transfer.message(end(b"abcdef"), False)
+    assert transfer.source.frames == [{"type": "file_done", "size": 6}]
+    assert sink.value() == b"abcdef" + trailer(b"abcdef")
+    assert sink.producer is None and sink.disconnecting
+
+
+def test_a_file_complete_before_django_connects_is_delivered_whole(transfer):
+    transfer.message(header(3), False)
+    transfer.message(b"abc", True)
+    transfer.message(end(b"abc"), False)
+    assert transfer.source.frames == [{"type": "file_done", "size": 3}]
+    transfer.source_lost()  # the agent closes after file_done: fine
+    sink = connect_sink(transfer)
+    assert sink.value() == b"abc" + trailer(b"abc") and sink.disconnecting
+
+
+def test_a_checksum_mismatch_after_the_last_byte_cuts_django_off(transfer):
+    transfer.message(header(3), False)
+    sink = connect_sink(transfer)
+    transfer.message(b"abc", True)
+    transfer.message(wire.encode("file_end", size=3, sha256="0" * 64), False)
+    assert sink.value() == b"abc"  # no trailer
+    assert sink.disconnected or sink.disconnecting
+    assert transfer.source.frames == [] and transfer.source.closed
+
+
+def test_more_bytes_than_announced_fail_the_transfer(transfer):
+    transfer.message(header(2), False)
+    sink = connect_sink(transfer)
+    transfer.message(b"abc", True)
+    assert sink.value() == b"" and transfer.source.closed
+
+
+@pytest.mark.parametrize("bad", [header(size=-5), header(size=2 ** 60), header(name=""),
+                                 header(name="../x"), header(name="a\0b")])
+def test_an_impossible_header_fails_the_fetch(transfer, bad):
+    transfer.message(bad, False)
+    (failure,) = transfer.headers
+    assert failure.check(AgentError)
+    assert transfer.source.closed
+
+
+def test_bytes_before_the_header_fail_the_fetch(transfer):
+    transfer.message(b"abc", True)
+    assert transfer.headers[0].check(AgentError)
+
+
+def test_the_agent_leaving_mid_file_cuts_django_off(transfer):
+    transfer.message(header(), False)
+    sink = connect_sink(transfer)
+    transfer.message(b"abc", True)
+    transfer.source_lost()
+    assert sink.value() == b"abc" and (sink.disconnected or sink.disconnecting)
+
+
+def test_django_leaving_mid_file_closes_the_agents_connection(transfer):
+    transfer.message(header(), False)
+    connect_sink(transfer)
+    transfer.sink_lost()
+    assert transfer.source.closed
+
+
+def test_a_sink_arriving_after_a_failure_is_cut_off_at_once(transfer):
+    transfer.message(header(), False)
+    transfer.fail("timed out")
+    sink = connect_sink(transfer)
+    assert sink.value() == b"" and (sink.disconnected or sink.disconnecting)
