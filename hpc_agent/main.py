@@ -9,7 +9,7 @@ from twisted.logger import (FilteringLogObserver, Logger, LogLevel,
 from twisted.python.logfile import LogFile
 from twisted.python.threadpool import ThreadPool
 
-from hpc_agent import __version__, lock
+from hpc_agent import __version__, lock, malloc
 from hpc_agent.agent import AgentCore
 from hpc_agent.connection import Link
 from hpc_agent.state import AgentState
@@ -46,6 +46,7 @@ def run(settings, url, token, ready):
     ``ready(pid)`` is called once the agent holds the directory's lock and
     its state is open: from then on the launch has succeeded.
     """
+    malloc.keep_freed_memory()
     lock_fd = lock.take_over(os.path.join(settings.BASE_DIR, "agent.lock"),
                              log=lambda m: print(m, file=sys.stderr))
     state = AgentState(settings.HPC_STATE_FILE)

@@ -54,6 +54,9 @@ def setup_django(options):
 
 
 def makeService(options):
+    from hpc_agent import malloc
+
+    malloc.keep_freed_memory()  # file transfers: see hpc_agent.malloc
     setup_django(options)
     from twisted.internet import reactor
 

@@ -17,6 +17,7 @@ whatever the file size.
 """
 
 import hashlib
+import socket
 
 from automat import MethodicalMachine
 from twisted.internet import defer, protocol
@@ -28,6 +29,10 @@ from hpc_agent import wire
 log = Logger()
 
 
+#: Bytes a transfer may hold in hpcd before the agent is paused.
+RELAY_BUFFER = 4 * 1024 * 1024
+
+
 class Sink(protocol.Protocol):
     """The Django side after the protocol switch: bytes out, nothing in."""
 
@@ -35,6 +40,17 @@ class Sink(protocol.Protocol):
         self.transfer = transfer
 
     def connectionMade(self):
+        # Twisted pauses the producer (the agent's connection) once 64 KiB
+        # wait here: less than one chunk, so the relay would stall on every
+        # chunk.  A few chunks of slack let the agent, hpcd and Django work
+        # at once; memory stays bounded all the same.
+        self.transport.bufferSize = RELAY_BUFFER
+        # The kernel's default buffer for a Unix socket (about 200 KiB) makes
+        # hpcd and Django take turns; a larger one lets them overlap.
+        try:
+            self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RELAY_BUFFER)
+        except (AttributeError, OSError):
+            pass
         self.transfer.sink_connected(self)
 
     def dataReceived(self, data):
