@@ -5,8 +5,9 @@ with a single JSON line on its standard input (the single-use token and the
 URL to connect to), never in its arguments or environment.  The command
 returns once the agent has detached and holds its directory (see
 ``hpc_agent.__main__``), so its exit status and output are the launch's
-verdict.  For ``localhost`` this runs as a local process; other hosts go
-over SSH.
+verdict.  For ``localhost`` this runs as a local process (hpcd.shells.run_local);
+other hosts go over SSH (hpcd.ssh.run_command).  Both give a CommandResult,
+judged the same way.
 """
 
 import collections
@@ -14,15 +15,16 @@ import json
 import os
 import shlex
 
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from hpcd import ssh
+from hpcd.shells import run_local, ssh_target
 
 log = Logger()
 
-#: Bytes of a launch command's output kept for the error message.
-OUTPUT_LIMIT = 64 * 1024
+#: The variables of hpcd's environment a local agent is started with.
+_AGENT_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TMPDIR")
 
 
 class LaunchFailed(Exception):
@@ -70,14 +72,6 @@ class LoginLimiter:
         self._logins[cluster_id].append(self._clock.seconds())
 
 
-def ssh_target(cluster):
-    """The SSH login of a cluster (a dict from the store, secrets included)."""
-    return ssh.SSHTarget(
-        cluster_name=cluster["host_name"], host=cluster["host_name"], port=cluster["port"],
-        username=cluster["username"], key=cluster["key"] or None,
-        password=cluster["password"] or None, host_keys=cluster["host_key"])
-
-
 def agent_command(client_path):
     """The shell command that starts the agent in ``client_path``."""
     return (f"cd {shlex.quote(client_path)} && "
@@ -97,6 +91,7 @@ class SSHLauncher:
 
     @defer.inlineCallbacks
     def launch(self, cluster, url, token):
+        """Fires with the agent's start message, or fails with LaunchFailed."""
         yield self._limiter.acquire(cluster["id"])
         try:
             result = yield ssh.run_command(
@@ -104,47 +99,11 @@ class SSHLauncher:
                 stdin=launch_input(url, token), timeout=self._timeout)
         except ssh.SSHError as e:
             raise LaunchFailed(str(e)) from None
-        if result.exit_status != 0:
-            how = (f"signal {result.signal}" if result.signal
-                   else f"exit status {result.exit_status}")
-            raise LaunchFailed(f"the agent exited at once ({how}): "
-                               f"{_tail(result.stderr) or _tail(result.stdout) or 'no output'}")
-        return _tail(result.stdout) or "agent started"
-
-
-class Launcher:
-    """A local process for ``localhost``, SSH for every other host."""
-
-    def __init__(self, local, remote):
-        self._local = local
-        self._remote = remote
-
-    def launch(self, cluster, url, token):
-        chosen = self._local if cluster["host_name"] == "localhost" else self._remote
-        return chosen.launch(cluster, url, token)
-
-
-class _LaunchProtocol(protocol.ProcessProtocol):
-    def __init__(self, stdin):
-        self._stdin = stdin
-        self.output = {1: bytearray(), 2: bytearray()}
-        self.done = defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self._stdin)
-        self.transport.closeStdin()
-
-    def childDataReceived(self, fd, data):
-        buf = self.output.get(fd)
-        if buf is not None and len(buf) < OUTPUT_LIMIT:
-            buf += data[:OUTPUT_LIMIT - len(buf)]
-
-    def processEnded(self, reason):
-        self.done.callback(reason.value)
+        return _verdict(result)
 
 
 class LocalLauncher:
-    """Starts agents on this host (clusters whose host_name is localhost)."""
+    """Starts agents on this host (clusters whose host_name is localhost) with run_local."""
 
     def __init__(self, reactor, timeout=60.0):
         self._reactor = reactor
@@ -160,38 +119,34 @@ class LocalLauncher:
             return defer.fail(LaunchFailed(
                 f"{python} not found: create the agent's virtual environment there "
                 "(see the README, 'Installing an agent')"))
-        proto = _LaunchProtocol(launch_input(url, token))
-        env = {k: v for k, v in os.environ.items()
-               if k in ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TMPDIR")}
-        self._reactor.spawnProcess(proto, python, [python, "-m", "hpc_agent"], env=env,
-                                   path=directory)
-        timer = self._reactor.callLater(self._timeout, _kill, proto)
-
-        def ended(reason):
-            timed_out = not timer.active()
-            if not timed_out:
-                timer.cancel()
-            out, err = bytes(proto.output[1]), bytes(proto.output[2])
-            if isinstance(reason, error.ProcessDone):
-                return _tail(out) or "agent started"
-            if timed_out:
-                raise LaunchFailed(f"the agent did not finish starting within "
-                                   f"{self._timeout:g} s and was killed: "
-                                   f"{_tail(err) or _tail(out) or 'no output'}")
-            raise LaunchFailed(f"the agent exited at once ({_describe(reason)}): "
-                               f"{_tail(err) or _tail(out) or 'no output'}")
-
-        return proto.done.addCallback(ended)
+        env = {k: v for k, v in os.environ.items() if k in _AGENT_ENVIRONMENT}
+        ran = run_local(self._reactor, [python, "-m", "hpc_agent"], stdin=launch_input(url, token),
+                        timeout=self._timeout, env=env, path=directory)
+        return ran.addCallbacks(_verdict, _launch_failed)
 
 
-def _kill(proto):
-    try:
-        proto.transport.signalProcess("KILL")
-    except error.ProcessExitedAlready:
-        pass
+class Launcher:
+    """A local process for ``localhost``, SSH for every other host."""
+
+    def __init__(self, local, remote):
+        self._local = local
+        self._remote = remote
+
+    def launch(self, cluster, url, token):
+        chosen = self._local if cluster["host_name"] == "localhost" else self._remote
+        return chosen.launch(cluster, url, token)
 
 
-def _describe(reason):
-    if getattr(reason, "signal", None):
-        return f"killed by signal {reason.signal}"
-    return f"exit status {getattr(reason, 'exitCode', '?')}"
+def _verdict(result):
+    """The agent's start message from its launch command's ssh.CommandResult, or LaunchFailed."""
+    if result.exit_status != 0:
+        how = (f"signal {result.signal}" if result.signal
+               else f"exit status {result.exit_status}")
+        raise LaunchFailed(f"the agent exited at once ({how}): "
+                           f"{_tail(result.stderr) or _tail(result.stdout) or 'no output'}")
+    return _tail(result.stdout) or "agent started"
+
+
+def _launch_failed(failure):
+    failure.trap(ssh.SSHError)
+    raise LaunchFailed(str(failure.value))

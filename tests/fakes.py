@@ -33,3 +33,16 @@ def mismatches(fake, real):
             found.append(f"{fake.__name__}.{name}{inspect.signature(member)} differs from "
                          f"{real.__name__}.{name}{inspect.signature(theirs)}")
     return found
+
+
+def function_mismatches(fake, real):
+    """What of the function ``fake`` does not match the function ``real``.
+
+    The same check as ``mismatches`` for a fake standing in for a module's
+    function (a bound method of a fake counts without its ``self``): a list
+    with one sentence if the parameters differ, else empty.
+    """
+    if _parameters(fake) == _parameters(real):
+        return []
+    return [f"{fake.__qualname__}{inspect.signature(fake)} differs from "
+            f"{real.__module__}.{real.__qualname__}{inspect.signature(real)}"]

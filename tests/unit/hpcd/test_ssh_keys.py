@@ -12,18 +12,8 @@ from twisted.conch.ssh.common import NS, getNS
 from twisted.internet.testing import MemoryReactorClock
 
 from hpcd.ssh import (
-    HOST_KEY_ALGORITHMS,
-    HostKey,
-    SSHError,
-    SSHTarget,
-    _LoginTransport,
-    _UserAuth,
-    check_host_key,
-    load_private_key,
-    open_connection,
-    parse_host_keys,
-    signature_algorithm,
-)
+    HOST_KEY_ALGORITHMS, HostKey, SSHError, SSHTarget, _LoginTransport, _UserAuth, check_host_key,
+    load_private_key, open_connection, parse_host_keys, signature_algorithm)
 
 pytestmark = pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="needs ssh-keygen")
 
@@ -50,10 +40,8 @@ KEYS = {
 def keydir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("keys")
     for name, arguments in KEYS.items():
-        subprocess.run(
-            ["ssh-keygen", "-q", "-C", f"{name}@test", "-f", str(directory / name), *arguments],
-            check=True,
-        )
+        subprocess.run(["ssh-keygen", "-q", "-C", f"{name}@test", "-f", str(directory / name),
+                        *arguments], check=True)
     return directory
 
 
@@ -67,16 +55,13 @@ def public_line(keydir, name):
 
 def keygen_fingerprint(path):
     """The SHA256 fingerprint as `ssh-keygen -lf` prints it."""
-    output = subprocess.run(
-        ["ssh-keygen", "-lf", str(path)], check=True, capture_output=True, text=True
-    ).stdout
+    output = subprocess.run(["ssh-keygen", "-lf", str(path)], check=True, capture_output=True,
+                            text=True).stdout
     return output.split()[1]
 
 
 def target(**overrides):
-    values = dict(
-        cluster_name="hal", host="login.example.org", port=2222, username="hpcuser"
-    )
+    values = dict(cluster_name="hal", host="login.example.org", port=2222, username="hpcuser")
     values.update(overrides)
     return SSHTarget(**values)
 
@@ -89,22 +74,13 @@ def test_parse_accepts_every_keyscan_form(keydir):
     ed25519_line = public_line(keydir, "host_ed25519")
     ecdsa_line = public_line(keydir, "host_ecdsa256")
     rsa_line = public_line(keydir, "host_rsa")
-    text = "\n".join(
-        [
-            "# login.example.org:22 SSH-2.0-OpenSSH_9.2p1",
-            "",
-            "   ",
-            ed25519_line,
-            f"login.example.org {ecdsa_line}",
-            f"[login.example.org]:2222 {rsa_line}",
-            f"|1|c2FsdA==|aGFzaA== {ed25519_line}",
-        ]
-    )
+    text = "\n".join(["# login.example.org:22 SSH-2.0-OpenSSH_9.2p1", "", "   ", ed25519_line,
+                      f"login.example.org {ecdsa_line}", f"[login.example.org]:2222 {rsa_line}",
+                      f"|1|c2FsdA==|aGFzaA== {ed25519_line}"])
     parsed = parse_host_keys(text, "hal")
     assert [k.key_type for k in parsed] == ["ssh-ed25519", "ecdsa-sha2-nistp256", "ssh-rsa"]
-    assert [k.line for k in parsed] == [
-        " ".join(line.split()[:2]) for line in (ed25519_line, ecdsa_line, rsa_line)
-    ]
+    assert [k.line for k in parsed] == [" ".join(line.split()[:2])
+                                        for line in (ed25519_line, ecdsa_line, rsa_line)]
 
 
 def test_parse_empty_text_pins_nothing():
@@ -113,9 +89,8 @@ def test_parse_empty_text_pins_nothing():
     assert parse_host_keys("# only a comment\n\n") == []
 
 
-@pytest.mark.parametrize(
-    "name", ["host_ed25519", "host_ecdsa256", "host_ecdsa384", "host_ecdsa521", "host_rsa"]
-)
+@pytest.mark.parametrize("name", ["host_ed25519", "host_ecdsa256", "host_ecdsa384",
+                                  "host_ecdsa521", "host_rsa"])
 def test_fingerprint_matches_ssh_keygen(keydir, name):
     (host_key,) = parse_host_keys(public_line(keydir, name))
     assert host_key.fingerprint_sha256 == keygen_fingerprint(keydir / f"{name}.pub")
@@ -127,15 +102,12 @@ def test_host_key_from_blob_round_trips(keydir):
     assert HostKey.from_blob(host_key.blob) == host_key
 
 
-@pytest.mark.parametrize(
-    "line",
-    [
-        "not a key",
-        "ssh-ed25519 !!!notbase64!!!",
-        "ssh-ed25519",
-        "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIAamjcM",  # truncated
-    ],
-)
+@pytest.mark.parametrize("line", [
+    "not a key",
+    "ssh-ed25519 !!!notbase64!!!",
+    "ssh-ed25519",
+    "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIAamjcM",  # truncated
+])
 def test_parse_rejects_garbage_naming_cluster_and_line(line):
     with pytest.raises(SSHError) as caught:
         parse_host_keys(f"# header\n{line}\n", "hal")
@@ -169,15 +141,12 @@ def test_pinned_host_key_is_accepted(keydir):
 
 
 def test_mismatch_names_cluster_and_both_fingerprints_without_secrets(keydir):
-    pinned = parse_host_keys(
-        public_line(keydir, "host_ed25519") + "\n" + public_line(keydir, "host_rsa")
-    )
+    pinned = parse_host_keys(public_line(keydir, "host_ed25519") + "\n"
+                             + public_line(keydir, "host_rsa"))
     (offered,) = parse_host_keys(public_line(keydir, "host_ecdsa256"))
     secret_key = private(keydir, "user_ed25519_enc")
     with pytest.raises(SSHError) as caught:
-        check_host_key(
-            target(key=secret_key, password=SECRET_PASSPHRASE), pinned, offered.blob
-        )
+        check_host_key(target(key=secret_key, password=SECRET_PASSPHRASE), pinned, offered.blob)
     message = str(caught.value)
     assert caught.value.reason == "host_key_mismatch"
     assert "cluster 'hal'" in message
@@ -188,17 +157,11 @@ def test_mismatch_names_cluster_and_both_fingerprints_without_secrets(keydir):
     assert secret_key.splitlines()[1] not in message
 
 
-@pytest.mark.parametrize(
-    "pinned_names, algorithms",
-    [
-        (["host_ed25519"], [b"ssh-ed25519"]),
-        (["host_rsa"], [b"rsa-sha2-512", b"rsa-sha2-256"]),
-        (
-            ["host_rsa", "host_ecdsa256"],
-            [b"ecdsa-sha2-nistp256", b"rsa-sha2-512", b"rsa-sha2-256"],
-        ),
-    ],
-)
+@pytest.mark.parametrize("pinned_names, algorithms", [
+    (["host_ed25519"], [b"ssh-ed25519"]),
+    (["host_rsa"], [b"rsa-sha2-512", b"rsa-sha2-256"]),
+    (["host_rsa", "host_ecdsa256"], [b"ecdsa-sha2-nistp256", b"rsa-sha2-512", b"rsa-sha2-256"]),
+])
 def test_only_pinned_host_key_types_are_negotiated(keydir, pinned_names, algorithms):
     """Conch would otherwise pick ECDSA even when only ed25519 is pinned."""
     pinned = parse_host_keys("\n".join(public_line(keydir, n) for n in pinned_names))
@@ -209,20 +172,17 @@ def test_only_pinned_host_key_types_are_negotiated(keydir, pinned_names, algorit
 # --- private keys -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name, passphrase, ssh_type",
-    [
-        ("user_ed25519", None, b"ssh-ed25519"),
-        ("user_ed25519", "stray passphrase is ignored", b"ssh-ed25519"),
-        ("user_ed25519_enc", SECRET_PASSPHRASE, b"ssh-ed25519"),
-        ("user_ecdsa_enc", SECRET_PASSPHRASE, b"ecdsa-sha2-nistp256"),
-        ("user_rsa_enc", SECRET_PASSPHRASE, b"ssh-rsa"),
-        ("user_rsa_pem", None, b"ssh-rsa"),
-        ("user_rsa_pem", "stray passphrase is ignored", b"ssh-rsa"),
-        ("user_rsa_pem_enc", SECRET_PASSPHRASE, b"ssh-rsa"),
-        ("user_ecdsa_pkcs8", None, b"ecdsa-sha2-nistp256"),
-    ],
-)
+@pytest.mark.parametrize("name, passphrase, ssh_type", [
+    ("user_ed25519", None, b"ssh-ed25519"),
+    ("user_ed25519", "stray passphrase is ignored", b"ssh-ed25519"),
+    ("user_ed25519_enc", SECRET_PASSPHRASE, b"ssh-ed25519"),
+    ("user_ecdsa_enc", SECRET_PASSPHRASE, b"ecdsa-sha2-nistp256"),
+    ("user_rsa_enc", SECRET_PASSPHRASE, b"ssh-rsa"),
+    ("user_rsa_pem", None, b"ssh-rsa"),
+    ("user_rsa_pem", "stray passphrase is ignored", b"ssh-rsa"),
+    ("user_rsa_pem_enc", SECRET_PASSPHRASE, b"ssh-rsa"),
+    ("user_ecdsa_pkcs8", None, b"ecdsa-sha2-nistp256"),
+])
 def test_private_key_formats_load(keydir, name, passphrase, ssh_type):
     key = load_private_key(private(keydir, name), passphrase, "hal")
     assert key.sshType() == ssh_type
@@ -236,9 +196,8 @@ def test_private_key_with_windows_line_ends_loads(keydir):
     assert load_private_key(text, SECRET_PASSPHRASE, "hal").sshType() == b"ecdsa-sha2-nistp256"
 
 
-@pytest.mark.parametrize(
-    "name", ["user_ed25519_enc", "user_ecdsa_enc", "user_rsa_enc", "user_rsa_pem_enc"]
-)
+@pytest.mark.parametrize("name", ["user_ed25519_enc", "user_ecdsa_enc", "user_rsa_enc",
+                                  "user_rsa_pem_enc"])
 @pytest.mark.parametrize("passphrase", [None, "", "wrong passphrase"])
 def test_bad_or_missing_passphrase_is_detected(keydir, name, passphrase):
     key_text = private(keydir, name)
@@ -264,10 +223,8 @@ def test_unparseable_key_text_is_bad_key(keydir, name):
 
 def test_dsa_private_key_is_refused():
     pem = dsa.generate_private_key(key_size=1024).private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption())
     with pytest.raises(SSHError) as caught:
         load_private_key(pem.decode(), None, "hal")
     assert caught.value.reason == "bad_key"
@@ -300,11 +257,8 @@ def test_no_pinned_host_key_fails_before_connecting(keydir):
 
 def test_bad_passphrase_fails_before_connecting(keydir):
     reactor = MemoryReactorClock()
-    doomed = target(
-        key=private(keydir, "user_rsa_enc"),
-        password="wrong passphrase",
-        host_keys=public_line(keydir, "host_ed25519"),
-    )
+    doomed = target(key=private(keydir, "user_rsa_enc"), password="wrong passphrase",
+                    host_keys=public_line(keydir, "host_ed25519"))
     error = _failure_of(open_connection(reactor, doomed))
     assert error.reason == "bad_passphrase"
     assert reactor.tcpClients == []
@@ -313,15 +267,12 @@ def test_bad_passphrase_fails_before_connecting(keydir):
 # --- the RSA signature fix --------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "server_sig_algs, expected",
-    [
-        (b"ssh-ed25519,ssh-rsa,rsa-sha2-256,rsa-sha2-512", b"rsa-sha2-512"),
-        (b"ssh-rsa,rsa-sha2-256", b"rsa-sha2-256"),
-        (b"ssh-ed25519", b"ssh-rsa"),
-        (None, b"ssh-rsa"),
-    ],
-)
+@pytest.mark.parametrize("server_sig_algs, expected", [
+    (b"ssh-ed25519,ssh-rsa,rsa-sha2-256,rsa-sha2-512", b"rsa-sha2-512"),
+    (b"ssh-rsa,rsa-sha2-256", b"rsa-sha2-256"),
+    (b"ssh-ed25519", b"ssh-rsa"),
+    (None, b"ssh-rsa"),
+])
 def test_rsa_signature_algorithm_follows_server_sig_algs(keydir, server_sig_algs, expected):
     key = load_private_key(private(keydir, "user_rsa_pem"))
     assert signature_algorithm(key, server_sig_algs) == expected
@@ -353,26 +304,14 @@ def test_rsa_login_request_is_signed_with_rsa_sha2_512(keydir):
 
     ((message_type, payload),) = auth.transport.packets
     user, service, method, rest = getNS(payload, 3)
-    assert (message_type, user, service, method) == (
-        50,
-        b"hpcuser",
-        b"ssh-connection",
-        b"publickey",
-    )
+    assert (message_type, user, service, method) == (50, b"hpcuser", b"ssh-connection",
+                                                      b"publickey")
     assert rest[:1] == b"\x01"
     algorithm, blob, signature, _ = getNS(rest[1:], 3)
     assert algorithm == b"rsa-sha2-512"
     assert getNS(signature)[0] == b"rsa-sha2-512"
-    signed = (
-        NS(_RecordingTransport.sessionID)
-        + bytes((50,))
-        + NS(user)
-        + NS(service)
-        + NS(b"publickey")
-        + b"\x01"
-        + NS(algorithm)
-        + NS(blob)
-    )
+    signed = (NS(_RecordingTransport.sessionID) + bytes((50,)) + NS(user) + NS(service)
+              + NS(b"publickey") + b"\x01" + NS(algorithm) + NS(blob))
     assert keys.Key.fromString(blob).verify(signature, signed)
 
 
