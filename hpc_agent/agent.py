@@ -274,6 +274,7 @@ class AgentCore:
             yield self._resume_submit(job_id, job.parameters)
         job = self.state.get(job_id)
         return {"scheduler_id": job.scheduler_id, "status": int(job.status)}
+
     @defer.inlineCallbacks
     def _submit(self, job_id, parameters):
         try:
@@ -405,12 +406,15 @@ class AgentCore:
             # vouches for a path outside the job's directory (ignore_prefix).
             path, ignore_prefix = yield self.in_thread(_send_start, hooks, path, extra_params)
             confined = not ignore_prefix
+        # A hook may answer with an absolute path inside the job's directory;
+        # a request's leading "/" is the job directory's.
+        from_hook = path != message["path"]
         try:
             opened = yield self._files(
                 files.open_file, self._roots(job_id), path, job_id is not None,
-                message.get("offset", 0), message.get("length"), confined, hooks is not None,
+                message.get("offset", 0), message.get("length"), confined, from_hook,
                 what=f"opening {path!r}", cleanup=lambda late: late.close())
-        except BaseException:
+        except Exception:
             if hooks is not None:
                 self._send_end(hooks, path, extra_params)
             raise
@@ -567,21 +571,24 @@ class Poller:
             self._schedule(wait)
 
     def _schedule(self, delay):
-        self._call = self._reactor.callLater(delay, self._tick)
+        self._call = self._reactor.callLater(delay, self._run)
+
+    def _run(self):
+        self._tick().addErrback(lambda f: log.failure("the poller failed", f))
 
     @defer.inlineCallbacks
     def _tick(self):
         self._call = None
         self._running = True
         self._last_poll = self._reactor.seconds()
+        changed = False
         try:
             changed = yield self._core.poll()
         except Exception:
             log.failure("polling the scheduler failed")
-            changed = False
         finally:
             self._running = False
-        self._core.flush()
-        self.interval = self.fast if changed else min(self.slow, self.interval * 2)
-        if self._call is None:
-            self._schedule(self.interval)
+            self.interval = self.fast if changed else min(self.slow, self.interval * 2)
+            if self._call is None:
+                # Whatever failed, the next poll comes.
+                self._schedule(self.interval)

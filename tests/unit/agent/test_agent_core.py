@@ -849,6 +849,16 @@ def test_a_hook_may_name_a_file_of_its_own_outside_the_job_directory(hooked, tmp
     assert hooked.calls()[-1] == ("file_send_end", 5, str(archive), None)
 
 
+def test_a_hook_may_answer_with_an_absolute_path_inside_the_job_directory(hooked, tmp_path):
+    path = job_dir(tmp_path, files={"out.txt": b"hello", "report.pdf": b"%PDF"})
+    HookedScheduler.send_as = (str(path / "report.pdf"), False)
+    hooked.connect()
+    assert hooked.ask("fetch_file", job=5, path="out.txt", token="t")["result"]["size"] == 4
+    ((_, source, _),) = hooked.transfers
+    assert read_all(source) == b"%PDF"
+    source.close()
+
+
 def test_a_hooks_path_is_confined_to_the_job_directory_without_ignore_prefix(hooked, tmp_path):
     job_dir(tmp_path)
     HookedScheduler.send_as = ("../../settings.py", False)
