@@ -97,6 +97,10 @@ def run(settings, url, token, ready):
              "autobahn NVX {nvx}", version=__version__, pid=os.getpid(),
              dir=settings.BASE_DIR, scheduler=settings.HPC_SCHEDULER_CLASS,
              nvx="active" if nvx else "NOT active (slow transfers)")
+    if state.journal != "WAL":
+        log.info("the state file {path} is on a network file system: a rollback journal "
+                 "instead of WAL (HPC_STATE_FILE on a local disk is faster)",
+                 path=settings.HPC_STATE_FILE)
     pool = ThreadPool(minthreads=1, maxthreads=4, name="hpc-agent-scheduler")
     # File work has threads of its own: a hung file system must not stop
     # submits, polls and cancels.

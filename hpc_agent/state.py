@@ -1,7 +1,9 @@
 """The agent's durable state: its jobs and the outbox of unacknowledged updates.
 
-SQLite in the agent directory, in WAL mode with ``synchronous=FULL``: a
-commit is on disk when it returns.  These rules make the agent safe to kill
+SQLite in the agent directory, with ``synchronous=FULL``: a commit is on
+disk when it returns.  The journal is WAL (readers never wait for the
+writer) on a local file system; on a network one, where SQLite's WAL must
+not be used, a rollback journal (reads may then wait for a commit).  These rules make the agent safe to kill
 at any moment:
 
 1. A job is recorded durably *before* the scheduler sees it:
@@ -40,6 +42,7 @@ before the call returns.
 
 import collections
 import json
+import os
 import sqlite3
 import time
 
@@ -118,6 +121,36 @@ class Job:
         return f"<Job {self.job} {self.status.name} {self.scheduler_id}>"
 
 
+#: File systems where SQLite's WAL (shared memory beside the file) must not be used.
+NETWORK_FILE_SYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+    "fuse.glusterfs", "fuse.sshfs", "fuse.beegfs", "9p", "afs", "panfs", "pvfs2", "orangefs"})
+
+
+def file_system_type(path, mountinfo="/proc/self/mountinfo"):
+    """The type of the file system ``path`` is on (Linux), or None."""
+    path = os.path.realpath(path)
+    best, kind = "", None
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                fields = line.split()
+                mount = fields[4].replace("\\040", " ")
+                fstype = fields[fields.index("-") + 1]
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, kind = mount, fstype
+    except (OSError, ValueError, IndexError):
+        return None
+    return kind
+
+
+def journal_mode(path):
+    """WAL on a local file system, a rollback journal on a network one."""
+    kind = file_system_type(os.path.dirname(os.path.abspath(path)))
+    return "TRUNCATE" if kind in NETWORK_FILE_SYSTEMS else "WAL"
+
+
 def _connect(path, **kwargs):
     # isolation_level=None: transactions are opened explicitly.
     db = sqlite3.connect(path, isolation_level=None, timeout=30, **kwargs)
@@ -128,10 +161,11 @@ def _connect(path, **kwargs):
 class AgentState:
     """The agent's SQLite database, behind a write-behind overlay."""
 
-    def __init__(self, path, clock=time.time, writer=None):
+    def __init__(self, path, clock=time.time, writer=None, journal=None):
         self._clock = clock
         self._db = _connect(path)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self.journal = journal or journal_mode(path)
+        self._db.execute(f"PRAGMA journal_mode={self.journal}")
         self._db.executescript(_SCHEMA)
         self._writer = writer
         self._wdb = self._db if writer is None else _connect(path, check_same_thread=False)

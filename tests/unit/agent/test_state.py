@@ -1,12 +1,14 @@
 """The agent's durable state: jobs and the outbox (hpc_agent.state, SQLite in a temp file)."""
 
+import os
 import sqlite3
 
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from hpc_agent.state import AgentState, JobExists, _write_batch_thd, is_final
+from hpc_agent.state import (AgentState, JobExists, _write_batch_thd, file_system_type,
+                             is_final, journal_mode)
 from hpc_agent.status import JobStatus as S
 
 
@@ -255,9 +257,10 @@ def writer():
     return HeldWriter()
 
 
-@pytest.fixture
-def deferred_state(path, writer):
-    s = AgentState(path, clock=FakeClock(), writer=writer)
+@pytest.fixture(params=["WAL", "TRUNCATE"])
+def deferred_state(path, writer, request):
+    """With the local file system's journal and the network one's."""
+    s = AgentState(path, clock=FakeClock(), writer=writer, journal=request.param)
     yield s
     s.close()
 
@@ -407,3 +410,40 @@ def test_prune_runs_through_the_writer(deferred_state, writer):
     assert not d.called
     writer.commit()
     assert d.result == 0
+
+
+# -- the journal -------------------------------------------------------------------
+
+MOUNTINFO = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 253:1 / / rw,relatime - ext4 /dev/vda rw
+40 27 0:50 / /home rw,relatime - nfs4 server:/home rw,vers=4.2
+41 40 0:51 / /home/local\\040disk rw,relatime - xfs /dev/vdb rw
+42 27 0:52 / /lustre rw - lustre 10.0.0.1@tcp:/fs rw
+"""
+
+
+@pytest.mark.parametrize("where,kind", [
+    ("/var/agent", "ext4"), ("/home/u/agent", "nfs4"), ("/home/local disk/agent", "xfs"),
+    ("/lustre/project/agent", "lustre"), ("/", "ext4"), ("/homer", "ext4"),
+])
+def test_the_file_system_of_a_path_is_its_longest_mount(tmp_path, monkeypatch, where, kind):
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO)
+    monkeypatch.setattr(os.path, "realpath", lambda p: p)
+    assert file_system_type(where, str(info)) == kind
+
+
+def test_wal_on_a_local_file_system_and_a_rollback_journal_on_a_network_one(tmp_path,
+                                                                           monkeypatch):
+    import hpc_agent.state as module
+
+    assert journal_mode(str(tmp_path / "state.sqlite3")) == "WAL"
+    monkeypatch.setattr(module, "file_system_type", lambda path: "nfs4")
+    assert journal_mode(str(tmp_path / "state.sqlite3")) == "TRUNCATE"
+    s = AgentState(str(tmp_path / "state.sqlite3"))
+    try:
+        assert s.journal == "TRUNCATE"
+        assert s._db.execute("PRAGMA journal_mode").fetchone() == ("truncate",)
+    finally:
+        s.close()
