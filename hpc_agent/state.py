@@ -3,8 +3,9 @@
 SQLite in the agent directory, with ``synchronous=FULL``: a commit is on
 disk when it returns.  The journal is WAL (readers never wait for the
 writer) on a local file system; on a network one, where SQLite's WAL must
-not be used, a rollback journal (reads may then wait for a commit).  These rules make the agent safe to kill
-at any moment:
+not be used, a rollback journal (reads may then wait for a commit).
+
+These rules make the agent safe to kill at any moment:
 
 1. A job is recorded durably *before* the scheduler sees it:
    :meth:`AgentState.record_submitting` returns a Deferred that fires only
