@@ -11,10 +11,16 @@ agent -> hpcd
   hello       protocol:int agent_version:str scheduler:str hostname:str nvx:bool
               First frame.  hpcd answers ``welcome`` or closes (protocol mismatch).
   update      seq:int job:int status:int detail:str at:float scheduler_id:str|null
-              A job's state changed.  Written to the agent's durable outbox
-              first, re-sent after every reconnect until hpcd acknowledges it.
+              A job's state changed.  Sent once it is in the agent's durable
+              outbox, and again after every reconnect (and after ``retry``)
+              until hpcd acknowledges it.
   reply       id:int ok:bool [result:object] [error:str message:str]
-              The answer to one of hpcd's requests.
+              The answer to one of hpcd's requests, sent once the state it
+              reports is durable.  ``error`` codes: path_refused (outside
+              the roots, missing, or not a regular file), unreadable,
+              file_timeout (a file operation passed the agent's deadline,
+              HPC_FILE_TIMEOUT_SECONDS: a hung file system), job_active,
+              internal, and the decoding errors below.
   error       code:str message:str
               A frame from hpcd could not be understood; nothing was done.
 
@@ -53,7 +59,8 @@ hpcd -> agent
               file_send_end hooks.
   file_checksum id job:int|null path:str
               -> result {sha256:str, size:int, mtime:number}, computed by
-              the agent reading the whole file.
+              the agent reading the whole file (a large file takes a while:
+              its deadline counts from the last chunk read).
   error       code:str message:str
 
 Transfer connection: ``ws(s)://SERVER/file``, one per file, authenticated
