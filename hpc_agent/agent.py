@@ -225,8 +225,9 @@ class AgentCore:
         locked = message["type"] in ("submit", "cancel", "delete")
         d = self._with_job_lock(message.get("job") if locked else None,
                                 self._requests[message["type"]], message)
-        # Whatever the answer says about the agent's state is durable first.
-        d.addBoth(lambda result: self.state.when_durable().addCallback(lambda _: result))
+        if locked:
+            # Whatever the answer says about a job's state is durable first.
+            d.addBoth(lambda result: self.state.when_durable().addCallback(lambda _: result))
 
         def ok(result):
             return wire.encode("reply", id=message["id"], ok=True, result=result)

@@ -1169,3 +1169,51 @@ def test_a_failing_poll_keeps_the_poller_going(agent):
     FakeScheduler.states = {5: JobState(S.COMPLETED)}
     run_clock(agent, t0 + 9)
     assert agent.state.get(5).status == S.COMPLETED
+
+
+# -- the file hooks' calling convention -----------------------------------------------
+
+class _Hooks:
+    def __init__(self, answer=None):
+        self.answer = answer
+        self.calls = []
+
+    def file_send_start(self, file_path, extra_params):
+        self.calls.append((file_path, extra_params))
+        return self.answer
+
+
+class _OneArgumentHooks:
+    """Hooks written for this project's first release: the path only."""
+
+    def __init__(self):
+        self.calls = []
+
+    def file_send_start(self, path):
+        self.calls.append(path)
+
+    def file_send_end(self, path):
+        self.calls.append(("end", path))
+
+
+@pytest.mark.parametrize("answer,expected", [
+    (None, ("out.txt", False)), ("other.txt", ("other.txt", False)),
+    (("/abs/archive.tar", True), ("/abs/archive.tar", True)),
+    (["x", 1], ("x", True)),
+])
+def test_file_send_start_answers_are_taken_the_seed_way(answer, expected):
+    hooks = _Hooks(answer)
+    assert agent_module._send_start(hooks, "out.txt", {"k": 1}) == expected
+    assert hooks.calls == [("out.txt", {"k": 1})]
+
+
+def test_a_file_send_start_answer_without_a_path_is_an_error():
+    with pytest.raises(TypeError, match=r"\(path, ignore_prefix\)"):
+        agent_module._send_start(_Hooks((None, True)), "out.txt", None)
+
+
+def test_one_argument_hooks_still_work():
+    hooks = _OneArgumentHooks()
+    assert agent_module._send_start(hooks, "out.txt", {"k": 1}) == ("out.txt", False)
+    agent_module._call_hook(hooks.file_send_end, "/jobs/5/out.txt", None)
+    assert hooks.calls == ["out.txt", ("end", "/jobs/5/out.txt")]
