@@ -387,7 +387,7 @@ class AgentCore:
         listing = yield self._files(files.list_files, self._roots(job_id), path,
                                     message["recursive"], job_id is not None,
                                     message.get("with_mtime", False),
-                                    what=f"listing {path!r}")
+                                    what=f"listing {path!r}", progress=True)
         # A listing too large for one frame goes in pages (hpcd asks for
         # the next from ``next``).
         entries, following = files.page(listing, message.get("offset", 0), message.get("limit"),

@@ -350,9 +350,10 @@ def checksum(roots, path, job_relative=None, chunk_size=1024 * 1024, beat=None):
     return {"sha256": digest.hexdigest(), "size": size, "mtime": opened.mtime}
 
 
-def list_files(roots, path, recursive, job_relative=None, with_mtime=False):
+def list_files(roots, path, recursive, job_relative=None, with_mtime=False, beat=None):
     """``[[relative path, is_dir, size], ...]`` below ``path``, sorted by path;
     each entry gets its mtime as a fourth element with ``with_mtime``.
+    ``beat()`` is called after each directory (for a deadline on progress).
 
     Paths are relative to the first root (absolute in the others).  A symlink
     is listed as what it points to only when that stays inside a root, and
@@ -409,6 +410,8 @@ def list_files(roots, path, recursive, job_relative=None, with_mtime=False):
                         stack.append((child, location))
             finally:
                 os.close(dir_fd)
+            if beat is not None:
+                beat()
     entries.sort(key=lambda e: e[0])
     return entries
 
