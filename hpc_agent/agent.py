@@ -2,27 +2,29 @@
 
 :class:`AgentCore` holds the logic and no sockets: the websocket protocol
 hands it frames and a ``send`` function (see :mod:`hpc_agent.connection`),
-and it calls the scheduler on a worker thread and does file work on workers
-of their own (:mod:`hpc_agent.workers`).  Tests drive it with a recording
-``send`` and a fake clock.
+and it calls the scheduler on a worker thread.  File requests are handled by
+:mod:`hpc_agent.jobfiles`, on file workers of their own
+(:mod:`hpc_agent.workers`); polling is :mod:`hpc_agent.poller`.  Tests drive
+it with a recording ``send`` and a fake clock.
 
 What goes to hpcd is durable first (see :mod:`hpc_agent.state`): updates
 leave the outbox for the wire only once committed, and a reply waits until
 the state it reports is committed.
 """
 
-import inspect
 import platform
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from hpc_agent import __version__, files, wire
+from hpc_agent import __version__, wire
+from hpc_agent.jobfiles import FILE_THREADS, FileRequests
+from hpc_agent.poller import Poller
 from hpc_agent.schedulers.base import InvalidParameters, SchedulerError
 from hpc_agent.state import is_final
 from hpc_agent.status import TERMINAL, JobStatus
-from hpc_agent.transfer import FileSource, TransferFailed
-from hpc_agent.workers import FilesUnavailable, Workers
+from hpc_agent.wire import RequestFailed
+from hpc_agent.workers import Workers
 
 log = Logger()
 
@@ -39,45 +41,6 @@ RETRY_MAX_SECONDS = 30.0
 #: Updates sent and not yet acknowledged, at most: the rest wait in the
 #: outbox, so a long disconnection does not flood hpcd (or the agent's memory).
 MAX_IN_FLIGHT = 5000
-#: Worker threads for file work (listings, opens, reads, checksums).
-FILE_THREADS = 4
-#: A file list reply stays this far below the frame limit (the envelope).
-_LIST_MARGIN = 64 * 1024
-
-
-class RequestFailed(Exception):
-    """A request cannot be done; ``code`` and the message go back to hpcd."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-
-
-def _call_hook(method, file_path, extra_params):
-    """Call a scheduler's file hook the seed's way, ``(file_path,
-    extra_params)``; hooks written for this project's first release take
-    only the path."""
-    try:
-        inspect.signature(method).bind(file_path, extra_params)
-    except TypeError:
-        return method(file_path)
-    return method(file_path, extra_params)
-
-
-def _send_start(hooks, file_path, extra_params):
-    """``file_send_start``: ``(path to open, ignore_prefix)``."""
-    returned = _call_hook(hooks.file_send_start, file_path, extra_params)
-    if returned is None:  # a hook that only watches
-        return file_path, False
-    if isinstance(returned, str):
-        return returned, False
-    path, ignore_prefix = returned
-    if not isinstance(path, str):
-        raise TypeError(f"file_send_start returned {returned!r}; it must return "
-                        "(path, ignore_prefix)")
-    return path, bool(ignore_prefix)
-
-
 class AgentCore:
     """The agent's behaviour, between one websocket and one scheduler."""
 
@@ -89,7 +52,8 @@ class AgentCore:
         self.reactor = reactor
         self._threadpool = threadpool
         self._file_pool = file_pool if file_pool is not None else threadpool
-        self._start_transfer = start_transfer
+        #: ``start_transfer(token, FileSource) -> Deferred`` (hpc_agent.transfer)
+        self.start_transfer = start_transfer
         self._nvx = nvx
         self.files = Workers(reactor, self.in_file_thread, FILE_THREADS,
                              float(settings.HPC_FILE_TIMEOUT_SECONDS))
@@ -105,6 +69,7 @@ class AgentCore:
         self._locks = {}
         self._submit_failures = {}
         self.poller = Poller(self, reactor)
+        self._file_requests = FileRequests(self)
         state.on_durable = self.flush
         self._handlers = {
             "welcome": self._on_welcome,
@@ -116,9 +81,10 @@ class AgentCore:
             "submit": self._on_submit,
             "cancel": self._on_cancel,
             "delete": self._on_delete,
-            "list_files": self._on_list_files,
-            "fetch_file": self._on_fetch_file,
-            "file_checksum": self._on_file_checksum,
+            # Files: hpc_agent.jobfiles.
+            "list_files": self._file_requests.list_files,
+            "fetch_file": self._file_requests.fetch_file,
+            "file_checksum": self._file_requests.file_checksum,
         }
 
     def in_thread(self, f, *args, **kwargs):
@@ -360,104 +326,6 @@ class AgentCore:
         self._record(job_id, JobStatus.DELETED)
         return {"status": int(JobStatus.DELETED)}
 
-    def _roots(self, job_id):
-        if job_id is not None:
-            return [self.scheduler(job_id).get_working_directory()]
-        return [self.settings.HPC_JOB_WORKING_DIRECTORY, *self.settings.HPC_ALLOWED_FILE_ROOTS]
-
-    def _files(self, f, *args, what, **kwargs):
-        """File work on the file workers, its errors as request errors."""
-        d = self.files.call(f, *args, what=what, **kwargs)
-
-        def failed(failure):
-            e = failure.value
-            if failure.check(files.PathRefused):
-                raise RequestFailed("path_refused", str(e))
-            if failure.check(FilesUnavailable):
-                raise RequestFailed("file_timeout", str(e))
-            if failure.check(OSError):
-                raise RequestFailed("unreadable", f"{what}: {e.strerror or e}")
-            return failure
-
-        return d.addErrback(failed)
-
-    @defer.inlineCallbacks
-    def _on_list_files(self, message):
-        job_id, path = message["job"], message["path"]
-        listing = yield self._files(files.list_files, self._roots(job_id), path,
-                                    message["recursive"], job_id is not None,
-                                    message.get("with_mtime", False),
-                                    what=f"listing {path!r}", progress=True)
-        # A listing too large for one frame goes in pages (hpcd asks for
-        # the next from ``next``).
-        entries, following = files.page(listing, message.get("offset", 0), message.get("limit"),
-                                        wire.MAX_CONTROL_MESSAGE - _LIST_MARGIN)
-        return {"files": entries, "truncated": following is not None, "next": following}
-
-    @defer.inlineCallbacks
-    def _on_fetch_file(self, message):
-        """Open the file (the seed's hooks first, for a job) and start its
-        transfer; the reply says how many bytes will come."""
-        job_id, path = message["job"], message["path"]
-        extra_params = message.get("extra_params")
-        hooks = self.scheduler(job_id) if job_id is not None else None
-        confined = True
-        if hooks is not None:
-            # The site's hook may archive, or name a file of its own: it
-            # vouches for a path outside the job's directory (ignore_prefix).
-            path, ignore_prefix = yield self.in_thread(_send_start, hooks, path, extra_params)
-            confined = not ignore_prefix
-        # A hook may answer with an absolute path inside the job's directory;
-        # a request's leading "/" is the job directory's.
-        from_hook = path != message["path"]
-        try:
-            opened = yield self._files(
-                files.open_file, self._roots(job_id), path, job_id is not None,
-                message.get("offset", 0), message.get("length"), confined, from_hook,
-                what=f"opening {path!r}", cleanup=lambda late: late.close())
-        except Exception:
-            if hooks is not None:
-                self._send_end(hooks, path, extra_params)
-            raise
-
-        def read(n):
-            return self.files.call(opened.handle.read, n, what=f"reading {opened.name!r}")
-
-        def close():
-            self.files.call(opened.close, what=f"closing {opened.name!r}").addErrback(
-                lambda f: log.warn("closing {path} failed: {why}", path=opened.path,
-                                   why=f.getErrorMessage()))
-
-        source = FileSource(opened.name, opened.size, opened.total_size, opened.mtime, read,
-                            close)
-        done = self._start_transfer(message["token"], source)
-        done.addErrback(self._transfer_failed)
-        if hooks is not None:
-            # The seed's promise: file_send_end runs after every transfer.
-            done.addBoth(lambda _: self._send_end(hooks, opened.path, extra_params))
-        done.addErrback(lambda f: log.failure("after the transfer of {path}", f,
-                                              path=opened.path))
-        return {"size": opened.size, "total_size": opened.total_size, "mtime": opened.mtime}
-
-    def _send_end(self, hooks, path, extra_params):
-        d = self.in_thread(_call_hook, hooks.file_send_end, path, extra_params)
-        d.addErrback(lambda f: log.failure("file_send_end for {path} failed", f, path=path))
-        return d
-
-    def _transfer_failed(self, failure):
-        if failure.check(TransferFailed):
-            log.warn("{why}", why=failure.getErrorMessage())
-        else:
-            log.failure("a file transfer failed", failure)
-
-    @defer.inlineCallbacks
-    def _on_file_checksum(self, message):
-        job_id, path = message["job"], message["path"]
-        result = yield self._files(files.checksum, self._roots(job_id), path,
-                                   job_id is not None, what=f"the checksum of {path!r}",
-                                   progress=True)
-        return result
-
     # -- updates to hpcd -----------------------------------------------------
 
     def _record(self, job_id, status, detail="", scheduler_id=None):
@@ -531,65 +399,3 @@ class AgentCore:
         if changed:
             self.flush()
         return changed
-
-
-class Poller:
-    """Polls fast while jobs change and backs off to slow when nothing does.
-
-    Never faster than the scheduler's ``poll_fast_seconds`` nor than the
-    site's command budget (``HPC_SCHEDULER_COMMANDS_PER_MINUTE``) allows.
-    """
-
-    def __init__(self, core, reactor):
-        self._core = core
-        self._reactor = reactor
-        cls = core.scheduler_class
-        budget = core.settings.HPC_SCHEDULER_COMMANDS_PER_MINUTE
-        floor = 60.0 / budget if budget and getattr(cls, "rate_limited", True) else 0.0
-        self.fast = max(cls.poll_fast_seconds, floor)
-        self.slow = max(cls.poll_slow_seconds, self.fast)
-        self.interval = self.slow
-        self._call = None
-        self._running = False
-        self._last_poll = -1e9
-
-    def start(self):
-        self._schedule(0)
-
-    def stop(self):
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def kick(self):
-        """Something changed (a submit, a cancel): poll soon and fast."""
-        self.interval = self.fast
-        wait = max(0.0, self._last_poll + self.fast - self._reactor.seconds())
-        if self._call is not None and self._call.active():
-            if self._call.getTime() - self._reactor.seconds() > wait:
-                self._call.reset(wait)
-        elif not self._running:
-            self._schedule(wait)
-
-    def _schedule(self, delay):
-        self._call = self._reactor.callLater(delay, self._run)
-
-    def _run(self):
-        self._tick().addErrback(lambda f: log.failure("the poller failed", f))
-
-    @defer.inlineCallbacks
-    def _tick(self):
-        self._call = None
-        self._running = True
-        self._last_poll = self._reactor.seconds()
-        changed = False
-        try:
-            changed = yield self._core.poll()
-        except Exception:
-            log.failure("polling the scheduler failed")
-        finally:
-            self._running = False
-            self.interval = self.fast if changed else min(self.slow, self.interval * 2)
-            if self._call is None:
-                # Whatever failed, the next poll comes.
-                self._schedule(self.interval)

@@ -173,6 +173,15 @@ FROM_HPCD = frozenset({"welcome", "ack", "submit", "cancel", "delete", "list_fil
                        "fetch_file", "file_checksum", "error", "reply", "file_done"})
 
 
+class RequestFailed(Exception):
+    """Raised by a request's handler: answered as a failed ``reply`` with
+    ``code`` (its ``error``) and this message."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
 def _check(message, accept):
     """Validate a decoded frame; return it, or raise ProtocolError."""
     if not isinstance(message, dict):

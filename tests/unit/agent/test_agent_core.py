@@ -16,8 +16,10 @@ from twisted.internet.task import Clock
 
 from hpc_agent import __version__, wire
 from hpc_agent import agent as agent_module
-from hpc_agent.agent import FILE_THREADS, RESEND_SECONDS, SUBMIT_ATTEMPTS, AgentCore
+from hpc_agent import jobfiles
+from hpc_agent.agent import RESEND_SECONDS, SUBMIT_ATTEMPTS, AgentCore
 from hpc_agent.config import AgentSettings
+from hpc_agent.jobfiles import FILE_THREADS
 from hpc_agent.link import LinkMachine
 from hpc_agent.schedulers.base import InvalidParameters, JobState, Scheduler, SchedulerError
 from hpc_agent.state import AgentState
@@ -1203,17 +1205,17 @@ class _OneArgumentHooks:
 ])
 def test_file_send_start_answers_are_taken_the_seed_way(answer, expected):
     hooks = _Hooks(answer)
-    assert agent_module._send_start(hooks, "out.txt", {"k": 1}) == expected
+    assert jobfiles._send_start(hooks, "out.txt", {"k": 1}) == expected
     assert hooks.calls == [("out.txt", {"k": 1})]
 
 
 def test_a_file_send_start_answer_without_a_path_is_an_error():
     with pytest.raises(TypeError, match=r"\(path, ignore_prefix\)"):
-        agent_module._send_start(_Hooks((None, True)), "out.txt", None)
+        jobfiles._send_start(_Hooks((None, True)), "out.txt", None)
 
 
 def test_one_argument_hooks_still_work():
     hooks = _OneArgumentHooks()
-    assert agent_module._send_start(hooks, "out.txt", {"k": 1}) == ("out.txt", False)
-    agent_module._call_hook(hooks.file_send_end, "/jobs/5/out.txt", None)
+    assert jobfiles._send_start(hooks, "out.txt", {"k": 1}) == ("out.txt", False)
+    jobfiles._call_hook(hooks.file_send_end, "/jobs/5/out.txt", None)
     assert hooks.calls == ["out.txt", ("end", "/jobs/5/out.txt")]

@@ -7,8 +7,8 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from hpc_agent.state import (AgentState, JobExists, _write_batch_thd, file_system_type,
-                             is_final, journal_mode)
+from hpc_agent.mounts import file_system_type, journal_mode
+from hpc_agent.state import AgentState, JobExists, _write_batch_thd, is_final
 from hpc_agent.status import JobStatus as S
 
 
@@ -436,7 +436,7 @@ def test_the_file_system_of_a_path_is_its_longest_mount(tmp_path, monkeypatch, w
 
 def test_wal_on_a_local_file_system_and_a_rollback_journal_on_a_network_one(tmp_path,
                                                                            monkeypatch):
-    import hpc_agent.state as module
+    import hpc_agent.mounts as module
 
     assert journal_mode(str(tmp_path / "state.sqlite3")) == "WAL"
     monkeypatch.setattr(module, "file_system_type", lambda path: "nfs4")
