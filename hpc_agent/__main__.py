@@ -25,6 +25,7 @@ MAX_STDIN = 64 * 1024
 
 def init(directory):
     """Write a commented settings.py (never over an existing one)."""
+    os.umask(0o077)  # the agent's files are its user's only
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "settings.py")
     if os.path.exists(path):
@@ -95,6 +96,8 @@ def read_launch_credentials(stream):
 
 
 def launch(foreground=False):
+    # Everything the agent writes (state, logs) is its user's only.
+    os.umask(0o077)
     base_dir = os.getcwd()
     try:
         token, url = read_launch_credentials(sys.stdin)

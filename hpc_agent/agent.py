@@ -2,8 +2,14 @@
 
 :class:`AgentCore` holds the logic and no sockets: the websocket protocol
 hands it frames and a ``send`` function (see :mod:`hpc_agent.connection`),
-and it calls the scheduler on a worker thread.  Tests drive it with a
-recording ``send`` and a fake clock.
+and it calls the scheduler on a worker thread.  File requests are handled by
+:mod:`hpc_agent.jobfiles`, on file workers of their own
+(:mod:`hpc_agent.workers`); polling is :mod:`hpc_agent.poller`.  Tests drive
+it with a recording ``send`` and a fake clock.
+
+What goes to hpcd is durable first (see :mod:`hpc_agent.state`): updates
+leave the outbox for the wire only once committed, and a reply waits until
+the state it reports is committed.
 """
 
 import platform
@@ -11,47 +17,60 @@ import platform
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from hpc_agent import __version__, files, wire
+from hpc_agent import __version__, wire
+from hpc_agent.jobfiles import FILE_THREADS, FileRequests
+from hpc_agent.poller import Poller
 from hpc_agent.schedulers.base import InvalidParameters, SchedulerError
 from hpc_agent.state import is_final
 from hpc_agent.status import TERMINAL, JobStatus
+from hpc_agent.wire import RequestFailed
+from hpc_agent.workers import Workers
 
 log = Logger()
 
 #: Submit attempts that fail with a SchedulerError (the scheduler may be
 #: briefly unavailable) before the job is reported as an error.
 SUBMIT_ATTEMPTS = 5
-#: Unacknowledged updates are sent again after this many seconds.
+#: An update hpcd neither acknowledged nor asked to retry is sent again after
+#: this many seconds (a safety net: hpcd answers every update).
 RESEND_SECONDS = 30.0
-
-
-class RequestFailed(Exception):
-    """A request cannot be done; ``code`` and the message go back to hpcd."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-
-
+#: Updates hpcd could not store (``ack`` with ``retry``) are sent again after
+#: this many seconds, doubling while it keeps failing, up to RETRY_MAX_SECONDS.
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
+#: Updates sent and not yet acknowledged, at most: the rest wait in the
+#: outbox, so a long disconnection does not flood hpcd (or the agent's memory).
+MAX_IN_FLIGHT = 5000
 class AgentCore:
     """The agent's behaviour, between one websocket and one scheduler."""
 
-    def __init__(self, settings, state, reactor, threadpool, start_transfer, nvx=False):
+    def __init__(self, settings, state, reactor, threadpool, start_transfer, nvx=False,
+                 file_pool=None):
         self.settings = settings
         self.state = state
         self.scheduler_class = settings.scheduler_class()
         self.reactor = reactor
         self._threadpool = threadpool
-        self._start_transfer = start_transfer
+        self._file_pool = file_pool if file_pool is not None else threadpool
+        #: ``start_transfer(token, FileSource) -> Deferred`` (hpc_agent.transfer)
+        self.start_transfer = start_transfer
         self._nvx = nvx
+        self.files = Workers(reactor, self.in_file_thread, FILE_THREADS,
+                             float(settings.HPC_FILE_TIMEOUT_SECONDS))
+        #: ``on_welcome(resume_token, grace)``: the link decides what a welcome
+        #: means (hpc_agent.link); without one, a welcome makes the core ready.
+        self.on_welcome = None
         self._send = None
-        self._welcomed = False
+        self._ready = False
         self._sent_upto = 0
-        self._sent_at = {}  # seq -> when it was last sent, until acknowledged
+        self._in_flight = {}  # seq -> when to send it again, until acknowledged
+        self._resend_call = None
+        self._store_failures = 0
         self._locks = {}
         self._submit_failures = {}
-        self.resume_token = None
         self.poller = Poller(self, reactor)
+        self._file_requests = FileRequests(self)
+        state.on_durable = self.flush
         self._handlers = {
             "welcome": self._on_welcome,
             "ack": self._on_ack,
@@ -62,13 +81,20 @@ class AgentCore:
             "submit": self._on_submit,
             "cancel": self._on_cancel,
             "delete": self._on_delete,
-            "list_files": self._on_list_files,
-            "fetch_file": self._on_fetch_file,
+            # Files: hpc_agent.jobfiles.
+            "list_files": self._file_requests.list_files,
+            "fetch_file": self._file_requests.fetch_file,
+            "file_checksum": self._file_requests.file_checksum,
         }
 
     def in_thread(self, f, *args, **kwargs):
-        """Run blocking scheduler or file work off the event loop."""
+        """Run blocking scheduler work off the event loop."""
         return threads.deferToThreadPool(self.reactor, self._threadpool, f, *args, **kwargs)
+
+    def in_file_thread(self, f, *args, **kwargs):
+        """Run blocking file work off the event loop (use ``self.files``,
+        which adds the deadline)."""
+        return threads.deferToThreadPool(self.reactor, self._file_pool, f, *args, **kwargs)
 
     def scheduler(self, job, scheduler_id=None):
         return self.scheduler_class(self.settings, job, scheduler_id)
@@ -76,18 +102,32 @@ class AgentCore:
     # -- connection events ---------------------------------------------------
 
     def connected(self, send):
+        """A connection opened: say hello.  Updates wait for :meth:`ready`."""
         self._send = send
-        self._welcomed = False
-        self._sent_upto = 0
-        self._sent_at = {}
+        self._ready = False
+        self._forget_in_flight()
         send(wire.encode(
             "hello", protocol=wire.PROTOCOL_VERSION, agent_version=__version__,
             scheduler=self.settings.HPC_SCHEDULER_CLASS, hostname=platform.node(),
             nvx=self._nvx))
 
+    def ready(self):
+        """hpcd welcomed the agent: send it the outbox."""
+        self._ready = True
+        self.flush()
+
     def lost(self):
         self._send = None
-        self._welcomed = False
+        self._ready = False
+        self._forget_in_flight()
+
+    def _forget_in_flight(self):
+        self._sent_upto = 0
+        self._in_flight = {}
+        self._store_failures = 0
+        if self._resend_call is not None and self._resend_call.active():
+            self._resend_call.cancel()
+        self._resend_call = None
 
     def frame_received(self, payload):
         """One text frame from hpcd.  Never raises."""
@@ -98,10 +138,13 @@ class AgentCore:
             self._transmit(wire.error_frame(e))
             return
         mtype = message["type"]
-        if mtype in self._requests:
-            self._serve(message)
-        else:
-            self._handlers[mtype](message)
+        try:
+            if mtype in self._requests:
+                self._serve(message)
+            else:
+                self._handlers[mtype](message)
+        except Exception:
+            log.failure("handling a {type} frame from hpcd failed", type=mtype)
 
     def _transmit(self, frame):
         if self._send is not None:
@@ -110,15 +153,30 @@ class AgentCore:
     # -- hpcd's messages -----------------------------------------------------
 
     def _on_welcome(self, message):
-        self._welcomed = True
-        self.resume_token = message["resume_token"]
         log.info("connected to hpcd as cluster {cluster!r}", cluster=message["cluster"])
-        self.flush()
+        if self.on_welcome is None:
+            self.ready()
+        else:
+            self.on_welcome(message["resume_token"], message.get("resume_grace_seconds"))
 
     def _on_ack(self, message):
         self.state.acknowledge(message["seqs"])
         for seq in message["seqs"]:
-            self._sent_at.pop(seq, None)
+            self._in_flight.pop(seq, None)
+        retry = [seq for seq in message.get("retry", ()) if seq in self._in_flight]
+        if retry:
+            # hpcd could not store these (its database failed): again soon,
+            # later and later while it keeps failing.
+            self._store_failures += 1
+            delay = min(RETRY_MAX_SECONDS,
+                        RETRY_FIRST_SECONDS * 2 ** min(self._store_failures - 1, 16))
+            due = self.reactor.seconds() + delay
+            for seq in retry:
+                self._in_flight[seq] = due
+            self._arm_resend(due)
+        elif message["seqs"]:
+            self._store_failures = 0
+        self.flush()
 
     def _on_error(self, message):
         log.warn("hpcd could not understand a frame: {code}: {message}",
@@ -128,7 +186,14 @@ class AgentCore:
         log.warn("unexpected reply {id} from hpcd", id=message["id"])
 
     def _serve(self, message):
-        d = self._with_job_lock(message.get("job"), self._requests[message["type"]], message)
+        # Requests that change a job's state take its lock; file requests
+        # only read, and one hung on a file system must not hold up a cancel.
+        locked = message["type"] in ("submit", "cancel", "delete")
+        d = self._with_job_lock(message.get("job") if locked else None,
+                                self._requests[message["type"]], message)
+        if locked:
+            # Whatever the answer says about a job's state is durable first.
+            d.addBoth(lambda result: self.state.when_durable().addCallback(lambda _: result))
 
         def ok(result):
             return wire.encode("reply", id=message["id"], ok=True, result=result)
@@ -167,7 +232,9 @@ class AgentCore:
         job_id = message["job"]
         job = self.state.get(job_id)
         if job is None:
-            self.state.record_submitting(job_id, message["parameters"])
+            # Durable before the scheduler sees it: a crash then never
+            # submits it twice.
+            yield self.state.record_submitting(job_id, message["parameters"])
             yield self._submit(job_id, message["parameters"])
         elif job.status == JobStatus.SUBMITTING and job.scheduler_id is None:
             # Recorded but never confirmed: a crash, or a failed attempt.
@@ -259,43 +326,6 @@ class AgentCore:
         self._record(job_id, JobStatus.DELETED)
         return {"status": int(JobStatus.DELETED)}
 
-    def _roots(self, job_id):
-        if job_id is not None:
-            return [self.scheduler(job_id).get_working_directory()]
-        return [self.settings.HPC_JOB_WORKING_DIRECTORY, *self.settings.HPC_ALLOWED_FILE_ROOTS]
-
-    @defer.inlineCallbacks
-    def _on_list_files(self, message):
-        try:
-            listing = yield self.in_thread(files.list_files, self._roots(message["job"]),
-                                           message["path"], message["recursive"],
-                                           message["job"] is not None)
-        except files.PathRefused as e:
-            raise RequestFailed("path_refused", str(e))
-        return {"files": listing}
-
-    @defer.inlineCallbacks
-    def _on_fetch_file(self, message):
-        job_id = message["job"]
-        try:
-            path = yield self.in_thread(files.resolve, self._roots(job_id), message["path"],
-                                        job_id is not None)
-            if path.is_dir():
-                raise files.PathRefused(f"{message['path']!r} is a directory")
-            handle = yield self.in_thread(open, path, "rb")
-        except files.PathRefused as e:
-            raise RequestFailed("path_refused", str(e))
-        except OSError as e:
-            raise RequestFailed("unreadable", f"{message['path']!r}: {e.strerror}")
-        size = path.stat().st_size
-        hooks = self.scheduler(job_id) if job_id is not None else None
-        if hooks is not None:
-            yield self.in_thread(hooks.file_send_start, str(path))
-        done = self._start_transfer(message["token"], handle, path.name, size)
-        if hooks is not None:
-            done.addBoth(lambda r: self.in_thread(hooks.file_send_end, str(path)))
-        return {"size": size}
-
     # -- updates to hpcd -----------------------------------------------------
 
     def _record(self, job_id, status, detail="", scheduler_id=None):
@@ -303,19 +333,47 @@ class AgentCore:
             self.flush()
 
     def flush(self):
-        """Send the updates hpcd has not seen on this connection yet."""
-        if not self._welcomed:
+        """Send the durable updates hpcd has not seen on this connection yet,
+        up to MAX_IN_FLIGHT unacknowledged (acknowledgements make room)."""
+        if not self._ready:
+            return
+        due = self.reactor.seconds() + RESEND_SECONDS
+        while len(self._in_flight) < MAX_IN_FLIGHT:
+            updates = self.state.pending_updates(
+                after=self._sent_upto, limit=min(1000, MAX_IN_FLIGHT - len(self._in_flight)))
+            if not updates:
+                break
+            for update in updates:
+                self._transmit(wire.encode("update", **update))
+                self._sent_upto = update["seq"]
+                self._in_flight[update["seq"]] = due
+            self._arm_resend(due)
+
+    def _arm_resend(self, at):
+        call = self._resend_call
+        if call is not None and call.active():
+            if call.getTime() <= at:
+                return
+            call.cancel()
+        self._resend_call = self.reactor.callLater(max(0.0, at - self.reactor.seconds()),
+                                                   self._resend)
+
+    def _resend(self):
+        """Send again what is due: refused by hpcd's store, or never answered."""
+        self._resend_call = None
+        if not self._ready:
             return
         now = self.reactor.seconds()
-        overdue = [s for s, at in self._sent_at.items() if now - at > RESEND_SECONDS]
-        if overdue:
-            # Sent but never acknowledged (hpcd's write failed, say): send
-            # again from the oldest such update, however busy the link is.
-            self._sent_upto = min(self._sent_upto, min(overdue) - 1)
-        for update in self.state.pending_updates(after=self._sent_upto):
-            self._transmit(wire.encode("update", **update))
-            self._sent_upto = update["seq"]
-            self._sent_at[update["seq"]] = now
+        due = [seq for seq, at in self._in_flight.items() if at <= now]
+        if due:
+            again = self.state.updates(due)
+            for seq in set(due) - {u["seq"] for u in again}:
+                self._in_flight.pop(seq)  # acknowledged meanwhile, or pruned
+            for update in again:
+                self._transmit(wire.encode("update", **update))
+                self._in_flight[update["seq"]] = now + RESEND_SECONDS
+        if self._in_flight:
+            self._arm_resend(min(self._in_flight.values()))
 
     # -- polling -------------------------------------------------------------
 
@@ -341,62 +399,3 @@ class AgentCore:
         if changed:
             self.flush()
         return changed
-
-
-class Poller:
-    """Polls fast while jobs change and backs off to slow when nothing does.
-
-    Never faster than the scheduler's ``poll_fast_seconds`` nor than the
-    site's command budget (``HPC_SCHEDULER_COMMANDS_PER_MINUTE``) allows.
-    """
-
-    def __init__(self, core, reactor):
-        self._core = core
-        self._reactor = reactor
-        cls = core.scheduler_class
-        budget = core.settings.HPC_SCHEDULER_COMMANDS_PER_MINUTE
-        floor = 60.0 / budget if budget and getattr(cls, "rate_limited", True) else 0.0
-        self.fast = max(cls.poll_fast_seconds, floor)
-        self.slow = max(cls.poll_slow_seconds, self.fast)
-        self.interval = self.slow
-        self._call = None
-        self._running = False
-        self._last_poll = -1e9
-
-    def start(self):
-        self._schedule(0)
-
-    def stop(self):
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def kick(self):
-        """Something changed (a submit, a cancel): poll soon and fast."""
-        self.interval = self.fast
-        wait = max(0.0, self._last_poll + self.fast - self._reactor.seconds())
-        if self._call is not None and self._call.active():
-            if self._call.getTime() - self._reactor.seconds() > wait:
-                self._call.reset(wait)
-        elif not self._running:
-            self._schedule(wait)
-
-    def _schedule(self, delay):
-        self._call = self._reactor.callLater(delay, self._tick)
-
-    @defer.inlineCallbacks
-    def _tick(self):
-        self._call = None
-        self._running = True
-        self._last_poll = self._reactor.seconds()
-        try:
-            changed = yield self._core.poll()
-        except Exception:
-            log.failure("polling the scheduler failed")
-            changed = False
-        finally:
-            self._running = False
-        self._core.flush()
-        self.interval = self.fast if changed else min(self.slow, self.interval * 2)
-        if self._call is None:
-            self._schedule(self.interval)

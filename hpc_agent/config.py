@@ -33,6 +33,19 @@ DEFAULTS = {
     # Seconds between websocket pings to hpcd; three intervals without an
     # answer count as a lost connection (then the agent reconnects).
     "HPC_PING_SECONDS": 10,
+    # Seconds the agent waits for hpcd to complete a websocket opening
+    # handshake; as long as hpcd waits (its openHandshakeTimeout), since a busy
+    # hpcd (many agents launched at once) may take longer than Autobahn's 5 s.
+    "HPC_HANDSHAKE_TIMEOUT_SECONDS": 15,
+    # Seconds one blocking file operation may take (listing, opening, reading
+    # a chunk, a checksum without progress) before its request is answered
+    # with an error: a hung file system must not hold the agent.  Below
+    # hpcd's HPC_AGENT_REQUEST_TIMEOUT, so the error arrives first.
+    "HPC_FILE_TIMEOUT_SECONDS": 20,
+    # Permissions the agent gives its own directory when it starts (it keeps
+    # its state, settings and logs private in any case).  None: leave the
+    # directory as the site set it, e.g. to share job output with a group.
+    "HPC_AGENT_DIRECTORY_MODE": 0o700,
     # A CA bundle to verify hpcd's TLS certificate with (wss:// only).
     # None: the system's trust store.
     "HPC_TLS_CA_FILE": None,
@@ -117,6 +130,21 @@ HPC_JOB_WORKING_DIRECTORY = "jobs"
 
 # CA bundle for verifying hpcd's certificate when the URL is wss://.
 # HPC_TLS_CA_FILE = None
+
+# Seconds to wait for hpcd to complete a websocket opening handshake (as
+# long as hpcd waits).
+# HPC_HANDSHAKE_TIMEOUT_SECONDS = 15
+
+# Seconds one blocking file operation (a listing, an open, a read) may take
+# before its request fails: a hung file system must not hold the agent.
+# HPC_FILE_TIMEOUT_SECONDS = 20
+
+# Bytes per binary frame when sending a file.
+# HPC_FILE_CHUNK_SIZE = 1024 * 1024
+
+# Permissions the agent gives this directory when it starts; None leaves
+# them as they are (to share job output with a group, say).
+# HPC_AGENT_DIRECTORY_MODE = 0o700
 
 # Most scheduler polls per minute.
 # HPC_SCHEDULER_COMMANDS_PER_MINUTE = 120

@@ -1,51 +1,69 @@
-"""The agent's websocket connection to hpcd, kept up with backoff.
+"""The agent's websocket connection to hpcd: the wire side of the link.
 
 The first connection presents the single-use launch token; every accepted
 connection brings a new resume token (``welcome``), which the agent uses to
 come back by itself after a drop, so an hpcd restart or a network blip needs
-no relaunch.  When hpcd refuses the credential, or nothing works for
-``HPC_RECONNECT_SECONDS``, the agent exits and leaves the relaunch to hpcd.
+no relaunch.  *When* to retry, which credential to present and when to give
+up is decided by :class:`hpc_agent.link.LinkMachine`; this module turns what
+happens on the wire into its inputs and carries out its decisions.
+Twisted's ClientService runs the retry loop, with the machine's backoff.
 """
 
+import random
 from urllib.parse import urlsplit
 
+from automat import NoTransition
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.internet import endpoints, ssl
 from twisted.logger import Logger
 
 from hpc_agent import wire
-from hpc_agent.wire import CLOSE_SHUTDOWN, CLOSE_SUPERSEDED
+from hpc_agent.link import LinkMachine
 
 log = Logger()
 
+#: Close codes after which the agent must not come back.
+DISMISSING = {wire.CLOSE_SUPERSEDED: "superseded", wire.CLOSE_SHUTDOWN: "shutdown",
+              wire.CLOSE_PROTOCOL: "protocol"}
+#: Handshake answers that mean "this credential is no good".
+REFUSING = frozenset({401, 403})
+
 
 class AgentClientProtocol(WebSocketClientProtocol):
-    """Thin: frames in and out of the :class:`AgentCore`."""
+    """Thin: wire events to the :class:`Link`, frames to the AgentCore."""
+
+    refused_status = None
 
     def onOpen(self):
         self.factory.link.opened(self)
-        self.factory.core.connected(self._send_frame)
 
-    def _send_frame(self, frame):
+    def send_frame(self, frame):
         self.sendMessage(frame, isBinary=False)
 
     def onMessage(self, payload, isBinary):
         if isBinary:
-            self._send_frame(wire.encode(
+            self.send_frame(wire.encode(
                 "error", code="bad_frame",
                 message="binary frames are not part of the control protocol"))
             return
-        self.factory.core.frame_received(payload)
+        self.factory.link.core.frame_received(payload)
 
     def failHandshake(self, reason):
-        # Autobahn reports a refused upgrade only as text; keep the status.
-        self.factory.link.refused(reason)
+        # Autobahn reports a refused upgrade only as text; the status line
+        # it parsed is still here.
+        self.refused_status = _http_status(getattr(self, "http_status_line", None))
         super().failHandshake(reason)
 
     def onClose(self, wasClean, code, reason):
-        self.factory.core.lost()
         self.factory.link.closed(self, code, reason)
+
+
+def _http_status(status_line):
+    try:
+        return int(status_line.split()[1])
+    except (AttributeError, IndexError, ValueError):
+        return None
 
 
 def client_endpoint(reactor, url, ca_file=None):
@@ -68,96 +86,112 @@ def client_endpoint(reactor, url, ca_file=None):
     return endpoint
 
 
-class _Logged:
-    """An endpoint that says in the log why a connection attempt failed
-    (ClientService only says it will retry)."""
+class _Reported:
+    """An endpoint that tells the link (and the log) why an attempt failed
+    before any connection was made (ClientService only says it will retry)."""
 
-    def __init__(self, endpoint, url):
+    def __init__(self, endpoint, url, link):
         self._endpoint = endpoint
         self._url = url
+        self._link = link
 
     def connect(self, factory):
         def failed(failure):
-            log.warn("connecting to {url} failed: {why}", url=self._url,
-                     why=failure.getErrorMessage())
+            why = failure.getErrorMessage()
+            log.warn("connecting to {url} failed: {why}", url=self._url, why=why)
+            self._link.event("attempt_failed", why)
             return failure
 
         return self._endpoint.connect(factory).addErrback(failed)
 
 
 class Link:
-    """Keeps one control connection to hpcd alive for an :class:`AgentCore`."""
+    """Keeps one control connection to hpcd for an AgentCore.
+
+    ``on_give_up(why)`` is called once when the agent should exit.
+    """
 
     def __init__(self, reactor, core, url, token, reconnect_seconds, ca_file, on_give_up,
-                 ping_seconds=10):
+                 ping_seconds=10, handshake_timeout=15):
         self.reactor = reactor
         self.core = core
-        self.token = token
-        self.reconnect_seconds = reconnect_seconds
         self.on_give_up = on_give_up
         self.protocol = None
-        self._refused = None
-        self._deadline = None
+        self.machine = LinkMachine(self, reactor, reconnect_seconds)
+        core.on_welcome = lambda token, grace: self.event("welcomed", token, grace)
         base = url.rstrip("/")
         self.factory = WebSocketClientFactory(f"{base}/agent")
         self.factory.protocol = AgentClientProtocol
-        self.factory.core = core
         self.factory.link = self
         self.factory.setProtocolOptions(
             autoPingInterval=ping_seconds, autoPingTimeout=3 * ping_seconds,
+            # As long as hpcd waits: a busy hpcd (50 agents launched at once)
+            # takes longer than Autobahn's 5 s default.
+            openHandshakeTimeout=handshake_timeout,
+            # Time for hpcd to read why the agent leaves (Autobahn's 1 s is short).
+            closeHandshakeTimeout=5,
             maxFramePayloadSize=wire.MAX_CONTROL_MESSAGE,
             maxMessagePayloadSize=wire.MAX_CONTROL_MESSAGE)
-        self._set_credential(token)
+        self.use_credential(token)
         self.service = ClientService(
-            _Logged(client_endpoint(reactor, base, ca_file), base), self.factory,
-            # Capped well below hpcd's resume grace period (15 s), so an agent is
-            # back before hpcd would launch a replacement.
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=8.0),
-            prepareConnection=self._prepare)
+            _Reported(client_endpoint(reactor, base, ca_file), base, self), self.factory,
+            retryPolicy=self._retry_delay)
 
-    def _set_credential(self, token):
-        self.factory.headers = {"Authorization": f"Bearer {token}"}
-
-    def _prepare(self, protocol):
-        self._refused = None
+    def _retry_delay(self, _attempts):
+        # ClientService counts a TCP connection as success even when the
+        # handshake then fails: the machine counts attempts instead.
+        delay = self.machine.retry_delay()
+        return delay + random.uniform(0, delay / 4)
 
     def start(self):
-        self._deadline = self.reactor.callLater(self.reconnect_seconds, self._give_up,
-                                                "could not reach hpcd")
+        self.event("start")
         self.service.startService()
 
     def stop(self):
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        self.event("stop")
         return self.service.stopService()
 
-    # -- events from the protocol --------------------------------------------
+    def event(self, name, *args):
+        """Feed one input to the machine; a bug there is logged, never raised
+        into the network code that reported the event."""
+        try:
+            getattr(self.machine, name)(*args)
+        except NoTransition as e:
+            log.error("the agent's link got {event} when it did not expect it: {e}",
+                      event=name, e=e)
+
+    # -- the wire's events -----------------------------------------------------
 
     def opened(self, protocol):
         self.protocol = protocol
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
-    def refused(self, reason):
-        self._refused = reason
+        self.event("opened")
 
     def closed(self, protocol, code, reason):
-        if protocol is self.protocol:
-            self.protocol = None
-        if self.core.resume_token:
-            # Every welcome rotates it; the old launch token is spent.
-            self._set_credential(self.core.resume_token)
-        if self._refused and ("[401]" in self._refused or "[403]" in self._refused):
-            self._give_up(f"hpcd refused the agent's credential ({self._refused})")
-        elif code in (CLOSE_SUPERSEDED, CLOSE_SHUTDOWN, wire.CLOSE_PROTOCOL):
-            self._give_up(f"hpcd closed the connection for good ({code}: {reason})")
-        elif self._deadline is None:
-            log.info("lost hpcd ({code} {reason}); reconnecting for up to {s} s",
-                     code=code, reason=reason, s=self.reconnect_seconds)
-            self._deadline = self.reactor.callLater(
-                self.reconnect_seconds, self._give_up, "could not reconnect to hpcd")
+        if protocol is not self.protocol:
+            # It never opened.
+            if protocol.refused_status in REFUSING:
+                self.event("credential_refused", protocol.refused_status)
+            else:
+                self.event("attempt_failed", reason or "the opening handshake failed")
+            return
+        self.protocol = None
+        self.core.lost()
+        if code in DISMISSING:
+            self.event("dismissed", code, reason)
+        else:
+            self.event("lost", code, reason)
 
-    def _give_up(self, why):
+    # -- the machine's decisions -----------------------------------------------
+
+    def greet(self):
+        self.core.connected(self.protocol.send_frame)
+
+    def ready(self):
+        self.core.ready()
+
+    def use_credential(self, token):
+        self.factory.headers = {"Authorization": f"Bearer {token}"}
+
+    def give_up(self, why):
         log.warn("agent stopping: {why}", why=why)
         self.on_give_up(why)

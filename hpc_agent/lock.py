@@ -2,8 +2,9 @@
 
 The agent holds an exclusive ``flock`` on ``agent.lock`` for its whole life
 and writes its pid into the file.  A newly launched agent asks the holder to
-stop (SIGTERM, then SIGKILL), waits for the lock, and takes over the state
-the old one left in the directory.  The lock is the kernel's, so it is
+stop (SIGTERM, with a SIGCONT: a stopped process does not act on SIGTERM
+until it continues; then SIGKILL), waits for the lock, and takes over the
+state the old one left in the directory.  The lock is the kernel's, so it is
 released however the holder dies.
 """
 
@@ -57,7 +58,7 @@ def holder(path):
     return None
 
 
-def take_over(path, term_wait=30.0, kill_wait=10.0, log=print):
+def take_over(path, term_wait=10.0, kill_wait=10.0, log=print):
     """Hold the lock at ``path``; returns the open file descriptor.
 
     Keep the descriptor open for as long as the lock should be held.
@@ -74,6 +75,10 @@ def take_over(path, term_wait=30.0, kill_wait=10.0, log=print):
                 log(f"agent pid {pid} holds {path}: sending {sig.name}")
                 try:
                     os.kill(pid, sig)
+                    if sig == signal.SIGTERM:
+                        # A SIGSTOPped agent acts on SIGTERM only once it
+                        # continues (SIGKILL needs no help).
+                        os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + wait

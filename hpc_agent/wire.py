@@ -11,34 +11,63 @@ agent -> hpcd
   hello       protocol:int agent_version:str scheduler:str hostname:str nvx:bool
               First frame.  hpcd answers ``welcome`` or closes (protocol mismatch).
   update      seq:int job:int status:int detail:str at:float scheduler_id:str|null
-              A job's state changed.  Written to the agent's durable outbox
-              first, re-sent after every reconnect until hpcd acknowledges it.
+              A job's state changed.  Sent once it is in the agent's durable
+              outbox, and again after every reconnect (and after ``retry``)
+              until hpcd acknowledges it.
   reply       id:int ok:bool [result:object] [error:str message:str]
-              The answer to one of hpcd's requests.
+              The answer to one of hpcd's requests, sent once the state it
+              reports is durable.  ``error`` codes: path_refused (outside
+              the roots, missing, or not a regular file), unreadable,
+              file_timeout (a file operation passed the agent's deadline,
+              HPC_FILE_TIMEOUT_SECONDS: a hung file system), job_active,
+              internal, and the decoding errors below.
   error       code:str message:str
               A frame from hpcd could not be understood; nothing was done.
 
 hpcd -> agent
-  welcome     protocol:int cluster:str resume_token:str
+  welcome     protocol:int cluster:str resume_token:str [resume_grace_seconds:number]
               The connection is accepted; ``resume_token`` replaces the
               previous one and lets the agent reconnect after a drop.
-  ack         seqs:[int]
-              These updates are stored (or knowingly refused): forget them.
+              ``resume_grace_seconds``: how long hpcd waits for a lost agent
+              to come back before launching another; the agent caps its
+              reconnect backoff at a third of it.
+  ack         seqs:[int] [retry:[int]]
+              ``seqs`` are stored (or knowingly refused): forget them.
+              ``retry``: these could not be stored; the agent sends them
+              again after a backoff (1 s, doubling, up to 30 s).
   submit      id job:int parameters:object
               -> result {scheduler_id:str|null, status:int}.  Idempotent: a
               job the agent knows is answered from its records.
   cancel      id job:int                  -> result {status:int}
   delete      id job:int                  -> result {status:int}
   list_files  id job:int|null path:str recursive:bool
-              -> result {files: [[path:str, is_dir:bool, size:int], ...]}
+              [offset:int>=0 limit:int>=1|null with_mtime:bool]
+              -> result {files: [[path:str, is_dir:bool, size:int], ...],
+                         truncated:bool, next:int|null}
+              Sorted by path.  One page: entries ``offset`` onwards, at most
+              ``limit``, and never more than fit in one frame; ``next`` is
+              the offset of the next page (``truncated`` true) or null.
+              ``with_mtime``: each entry gets its mtime as a 4th element
+              (only when asked, so 3-element readers keep working).
   fetch_file  id job:int|null path:str token:str
-              -> result {size:int}; the agent then opens a transfer
-              connection with ``token`` (below).
+              [extra_params:any offset:int>=0 length:int>=0|null]
+              -> result {size:int, total_size:int, mtime:number}; the agent
+              then opens a transfer connection with ``token`` (below) and
+              sends ``length`` bytes from ``offset`` (default: all).
+              ``size`` is the number of bytes it will send.  For a job,
+              ``extra_params`` goes to the scheduler's file_send_start and
+              file_send_end hooks.
+  file_checksum id job:int|null path:str
+              -> result {sha256:str, size:int, mtime:number}, computed by
+              the agent reading the whole file (a large file takes a while:
+              its deadline counts from the last chunk read).
   error       code:str message:str
 
 Transfer connection: ``ws(s)://SERVER/file``, one per file, authenticated
 with the single-use token from ``fetch_file``.
-  agent -> hpcd  file_header  size:int name:str   (text)
+  agent -> hpcd  file_header  size:int name:str [total_size:int mtime:number]  (text)
+                 ``size``: bytes that follow (the range asked for);
+                 ``total_size``: the whole file's size.
                  <binary frames: the bytes>
                  file_end     size:int sha256:str (text)
                  file_error   message:str         (text; the transfer failed)
@@ -92,8 +121,9 @@ def _is_number(v):
 
 
 def _is_file_entry(v):
-    return (isinstance(v, list) and len(v) == 3 and isinstance(v[0], str)
-            and isinstance(v[1], bool) and _is_int(v[2]) and v[2] >= 0)
+    return (isinstance(v, list) and len(v) in (3, 4) and isinstance(v[0], str)
+            and isinstance(v[1], bool) and _is_int(v[2]) and v[2] >= 0
+            and (len(v) == 3 or _is_number(v[3])))
 
 
 INT = ("an integer", _is_int)
@@ -103,9 +133,12 @@ NUMBER = ("a number", _is_number)
 OBJECT = ("an object", lambda v: isinstance(v, dict))
 ANY = ("any JSON value", lambda v: True)
 OPT_INT = ("an integer or null", lambda v: v is None or _is_int(v))
+COUNT = ("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+OPT_COUNT = ("an integer >= 0 or null", lambda v: v is None or (_is_int(v) and v >= 0))
+OPT_LIMIT = ("an integer >= 1 or null", lambda v: v is None or (_is_int(v) and v >= 1))
 OPT_STR = ("a string or null", lambda v: v is None or isinstance(v, str))
 INT_LIST = ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(i) for i in v))
-FILE_LIST = ("a list of [path, is_dir, size]",
+FILE_LIST = ("a list of [path, is_dir, size] or [path, is_dir, size, mtime]",
              lambda v: isinstance(v, list) and all(_is_file_entry(e) for e in v))
 
 # type -> ({required field: kind}, {optional field: kind}, is_request)
@@ -116,14 +149,18 @@ SCHEMA = {
                 "scheduler_id": OPT_STR}, {}, False),
     "reply": ({"id": INT, "ok": BOOL}, {"result": ANY, "error": STR, "message": STR}, False),
     "error": ({"code": STR, "message": STR}, {}, False),
-    "welcome": ({"protocol": INT, "cluster": STR, "resume_token": STR}, {}, False),
-    "ack": ({"seqs": INT_LIST}, {}, False),
+    "welcome": ({"protocol": INT, "cluster": STR, "resume_token": STR},
+                {"resume_grace_seconds": NUMBER}, False),
+    "ack": ({"seqs": INT_LIST}, {"retry": INT_LIST}, False),
     "submit": ({"job": INT, "parameters": ANY}, {}, True),
     "cancel": ({"job": INT}, {}, True),
     "delete": ({"job": INT}, {}, True),
-    "list_files": ({"job": OPT_INT, "path": STR, "recursive": BOOL}, {}, True),
-    "fetch_file": ({"job": OPT_INT, "path": STR, "token": STR}, {}, True),
-    "file_header": ({"size": INT, "name": STR}, {}, False),
+    "list_files": ({"job": OPT_INT, "path": STR, "recursive": BOOL},
+                   {"offset": COUNT, "limit": OPT_LIMIT, "with_mtime": BOOL}, True),
+    "fetch_file": ({"job": OPT_INT, "path": STR, "token": STR},
+                   {"extra_params": ANY, "offset": COUNT, "length": OPT_COUNT}, True),
+    "file_checksum": ({"job": OPT_INT, "path": STR}, {}, True),
+    "file_header": ({"size": INT, "name": STR}, {"total_size": INT, "mtime": NUMBER}, False),
     "file_end": ({"size": INT, "sha256": STR}, {}, False),
     "file_error": ({"message": STR}, {}, False),
     "file_done": ({"size": INT}, {}, False),
@@ -133,7 +170,16 @@ SCHEMA = {
 FROM_AGENT = frozenset({"hello", "update", "reply", "error", "file_header",
                         "file_end", "file_error"})
 FROM_HPCD = frozenset({"welcome", "ack", "submit", "cancel", "delete", "list_files",
-                       "fetch_file", "error", "reply", "file_done"})
+                       "fetch_file", "file_checksum", "error", "reply", "file_done"})
+
+
+class RequestFailed(Exception):
+    """Raised by a request's handler: answered as a failed ``reply`` with
+    ``code`` (its ``error``) and this message."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
 
 
 def _check(message, accept):

@@ -4,16 +4,23 @@ Driven with a recording ``send``, a ``twisted.internet.task.Clock`` and a
 scripted scheduler; scheduler work runs synchronously unless a test holds it.
 """
 
+import hashlib
 import inspect
+import os
 import platform
+import threading
 
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from hpc_agent import __version__, wire
+from hpc_agent import agent as agent_module
+from hpc_agent import jobfiles
 from hpc_agent.agent import RESEND_SECONDS, SUBMIT_ATTEMPTS, AgentCore
 from hpc_agent.config import AgentSettings
+from hpc_agent.jobfiles import FILE_THREADS
+from hpc_agent.link import LinkMachine
 from hpc_agent.schedulers.base import InvalidParameters, JobState, Scheduler, SchedulerError
 from hpc_agent.state import AgentState
 from hpc_agent.status import JobStatus as S
@@ -56,12 +63,6 @@ class FakeScheduler(Scheduler):
     def delete_data(self):
         FakeScheduler.calls.append(("delete_data", self.ui_id, self.job_id))
 
-    def file_send_start(self, path):
-        FakeScheduler.calls.append(("file_send_start", self.ui_id, path))
-
-    def file_send_end(self, path):
-        FakeScheduler.calls.append(("file_send_end", self.ui_id, path))
-
     @classmethod
     def status_many(cls, settings, jobs):
         cls.calls.append(("status_many", cls.clock.seconds(), sorted(jobs)))
@@ -79,56 +80,164 @@ class UnlimitedFakeScheduler(FakeScheduler):
     rate_limited = False
 
 
+class HookedScheduler(FakeScheduler):
+    """File hooks the seed's way: ``file_send_start(file_path, extra_params)``
+    answers ``(path, ignore_prefix)`` (``send_as`` sets the answer);
+    ``file_send_end(file_path, extra_params)`` follows every transfer."""
+
+    send_as = None
+
+    def file_send_start(self, file_path, extra_params=None):
+        FakeScheduler.calls.append(("file_send_start", self.ui_id, file_path, extra_params))
+        return HookedScheduler.send_as or (file_path, False)
+
+    def file_send_end(self, file_path, extra_params=None):
+        FakeScheduler.calls.append(("file_send_end", self.ui_id, file_path, extra_params))
+
+
 FAKE = f"{__name__}.FakeScheduler"
 
 
 class SyncCore(AgentCore):
-    """Runs "thread" work at once, or holds it in ``held`` until ``release()``."""
+    """Runs "thread" work at once, or holds it in ``held`` until ``release()``;
+    file work likewise with ``held_files``."""
 
     held = None
+    held_files = None
 
     def in_thread(self, f, *args, **kwargs):
-        if self.held is not None:
+        return self._run(self.held, f, args, kwargs)
+
+    def in_file_thread(self, f, *args, **kwargs):
+        return self._run(self.held_files, f, args, kwargs)
+
+    def _run(self, held, f, args, kwargs):
+        if held is not None:
             d = defer.Deferred()
-            self.held.append((d, f, args, kwargs))
+            held.append((d, f, args, kwargs))
             return d
         return defer.maybeDeferred(f, *args, **kwargs)
 
-    def release(self):
-        d, f, args, kwargs = self.held.pop(0)
+    def release(self, held=None):
+        d, f, args, kwargs = (self.held if held is None else held).pop(0)
         defer.maybeDeferred(f, *args, **kwargs).chainDeferred(d)
+
+
+class ClockWriter:
+    """The state's writer: a batch starts when the reactor turn ends
+    (``settle``, which every advance of the test's clock does too) and is
+    committed at once, or held in ``held`` until ``commit()``."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.held = None
+        self.turn_end = []
+
+    def run(self, f, *args):
+        if self.held is not None:
+            d = defer.Deferred()
+            self.held.append((f, args, d))
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    def later(self, delay, f):
+        if delay:
+            return self.clock.callLater(delay, f)
+        self.turn_end.append(f)
+
+    def settle(self):
+        while self.turn_end:
+            self.turn_end.pop(0)()
+
+    def commit(self):
+        f, args, d = self.held.pop(0)
+        d.callback(f(*args))
+
+
+class TurnClock(Clock):
+    """A Clock whose every advance ends with the end of a reactor turn."""
+
+    writer = None
+
+    def advance(self, amount):
+        super().advance(amount)
+        self.writer.settle()
+
+
+class LinkIO:
+    """The link machine's collaborator: records what it decides."""
+
+    def __init__(self, core):
+        self.core = core
+        self.credentials = []
+        self.gave_up = []
+        self.send = None
+
+    def greet(self):
+        self.core.connected(self.send)
+
+    def ready(self):
+        self.core.ready()
+
+    def use_credential(self, token):
+        self.credentials.append(token)
+
+    def give_up(self, why):
+        self.gave_up.append(why)
 
 
 class Agent:
     """An AgentCore wired to a recording send, a Clock and a temp directory."""
 
     def __init__(self, tmp_path, **overrides):
-        self.clock = Clock()
+        self.clock = TurnClock()
+        self.clock.writer = self.writer = ClockWriter(self.clock)
         self.clock.advance(1000)
         FakeScheduler.clock = self.clock
         settings = {"HPC_SCHEDULER_CLASS": FAKE,
                     "HPC_JOB_WORKING_DIRECTORY": str(tmp_path / "jobs"), **overrides}
         self.settings = AgentSettings(str(tmp_path), settings)
-        self.state = AgentState(str(tmp_path / "state.sqlite3"), clock=self.clock.seconds)
+        self.state = AgentState(str(tmp_path / "state.sqlite3"), clock=self.clock.seconds,
+                                writer=self.writer)
         self.transfers = []
         self.core = SyncCore(self.settings, self.state, self.clock, None, self._transfer,
                              nvx=True)
+        self.io = LinkIO(self.core)
         self.sent = []
+        self.io.send = self.sent.append
+        self.link = LinkMachine(self.io, self.clock, reconnect_seconds=600)
+        self.core.on_welcome = self.link.welcomed
+        self.link.start()
         self._ids = iter(range(1, 10 ** 6))
 
-    def _transfer(self, token, handle, name, size):
+    def _transfer(self, token, source):
         d = defer.Deferred()
-        self.transfers.append((token, handle, name, size, d))
+        self.transfers.append((token, source, d))
         return d
 
+    def settle(self):
+        """Let the reactor turn end: queued state changes commit (and what
+        waited for them, such as replies and updates, goes out)."""
+        self.writer.settle()
+
+    def record(self, job, status, detail="", scheduler_id=None):
+        seq = self.state.set_status(job, status, detail, scheduler_id)
+        self.settle()
+        return seq
+
     def connect(self, welcome=True):
-        self.core.connected(self.sent.append)
+        self.link.opened()
         if welcome:
             self.receive("welcome", protocol=wire.PROTOCOL_VERSION, cluster="7",
                          resume_token="resume-1")
 
+    def disconnect(self):
+        self.core.lost()
+        self.link.lost(1006, "gone")
+
     def receive(self, mtype, **fields):
         self.core.frame_received(wire.encode(mtype, **fields))
+        self.settle()
 
     def request(self, mtype, **fields):
         """Send a request; return its id."""
@@ -210,25 +319,25 @@ def test_hello_is_sent_on_connect(agent):
 
 def test_no_update_is_sent_before_welcome(agent):
     agent.connect(welcome=False)
-    agent.state.set_status(5, S.CANCELLED)
+    agent.record(5, S.CANCELLED)
     agent.core.flush()
     assert [f["type"] for f in agent.frames()] == ["hello"]
 
 
 def test_welcome_stores_the_resume_token_and_sends_the_outbox_in_order(agent):
     a = agent.state.set_status(5, S.CANCELLED, "x")
-    b = agent.state.set_status(6, S.DELETED)
+    b = agent.record(6, S.DELETED)
     agent.connect()
-    assert agent.core.resume_token == "resume-1"
+    assert agent.io.credentials == ["resume-1"]
     updates = [f for f in agent.frames() if f["type"] == "update"]
     assert [(u["seq"], u["job"], S(u["status"]), u["detail"]) for u in updates] == [
         (a, 5, S.CANCELLED, "x"), (b, 6, S.DELETED, "")]
 
 
 def test_after_a_reconnect_every_unacknowledged_update_is_sent_again(agent):
-    agent.state.set_status(5, S.CANCELLED)
+    agent.record(5, S.CANCELLED)
     agent.connect()
-    agent.core.lost()
+    agent.disconnect()
     agent.core.flush()
     assert agent.updates() == [(5, S.CANCELLED)]  # nothing sent while disconnected
     agent.sent.clear()
@@ -247,7 +356,7 @@ def test_an_ack_removes_updates_from_the_outbox(agent):
 
 def test_unacknowledged_updates_are_sent_again_after_the_resend_delay(agent):
     agent.connect()
-    agent.state.set_status(5, S.CANCELLED)
+    agent.record(5, S.CANCELLED)
     agent.core.flush()
     agent.core.flush()
     assert agent.updates() == [(5, S.CANCELLED)]
@@ -265,14 +374,74 @@ def test_unacknowledged_updates_are_sent_again_after_the_resend_delay(agent):
 
 def test_an_unacknowledged_update_is_resent_even_while_others_are_acknowledged(agent):
     agent.connect()
-    agent.state.set_status(1, S.CANCELLED)  # hpcd's write of this one fails: no ack
+    agent.record(1, S.CANCELLED)  # hpcd's write of this one fails: no ack
     agent.core.flush()
     for job in range(2, 12):  # steady traffic, each update acknowledged
         agent.clock.advance(10)
-        seq = agent.state.set_status(job, S.CANCELLED)
+        seq = agent.record(job, S.CANCELLED)
         agent.core.flush()
         agent.receive("ack", seqs=[seq])
     assert agent.updates().count((1, S.CANCELLED)) >= 2
+
+
+def test_an_update_goes_to_hpcd_only_once_it_is_durable(agent):
+    agent.connect()
+    agent.writer.held = []
+    agent.record(5, S.CANCELLED)  # its batch is being committed
+    agent.core.flush()
+    assert agent.updates() == []
+    agent.writer.commit()
+    assert agent.updates() == [(5, S.CANCELLED)]
+
+
+def test_the_scheduler_sees_a_job_only_once_its_record_is_durable(agent):
+    agent.connect()
+    agent.writer.held = []
+    request_id = agent.request("submit", job=5, parameters=PARAMS)
+    assert agent.calls("submit") == []
+    agent.writer.commit()  # record_submitting is on disk
+    assert agent.calls("submit") == [("submit", 5, PARAMS)]
+    agent.settle()
+    # SUBMITTED is being committed: neither the update nor the reply is out.
+    assert (agent.replies(), agent.updates()) == ([], [])
+    agent.writer.commit()
+    assert agent.reply(request_id)["result"]["status"] == int(S.SUBMITTED)
+    assert agent.updates() == [(5, S.SUBMITTED)]
+
+
+def test_updates_hpcd_could_not_store_are_sent_again_after_a_short_backoff(agent):
+    agent.connect()
+    seq = agent.record(5, S.CANCELLED)
+    agent.receive("ack", seqs=[], retry=[seq])  # hpcd's database failed
+    agent.clock.advance(0.9)
+    assert len(agent.updates()) == 1
+    agent.clock.advance(0.1)
+    assert len(agent.updates()) == 2  # after about a second
+    agent.receive("ack", seqs=[], retry=[seq])
+    agent.clock.advance(1.9)
+    assert len(agent.updates()) == 2
+    agent.clock.advance(0.1)
+    assert len(agent.updates()) == 3  # then two
+    agent.receive("ack", seqs=[seq])
+    agent.clock.advance(3 * RESEND_SECONDS)
+    assert len(agent.updates()) == 3 and agent.state.outbox_size() == 0
+    # A store that works again resets the backoff.
+    other = agent.record(6, S.CANCELLED)
+    agent.receive("ack", seqs=[], retry=[other])
+    agent.clock.advance(1.0)
+    assert agent.updates().count((6, S.CANCELLED)) == 2
+
+
+def test_at_most_max_in_flight_updates_wait_for_acknowledgement(agent, monkeypatch):
+    monkeypatch.setattr(agent_module, "MAX_IN_FLIGHT", 3)
+    seqs = [agent.state.set_status(job, S.CANCELLED) for job in range(1, 8)]
+    agent.settle()
+    agent.connect()
+    assert [job for job, _ in agent.updates()] == [1, 2, 3]
+    agent.receive("ack", seqs=seqs[:2])
+    assert [job for job, _ in agent.updates()] == [1, 2, 3, 4, 5]
+    agent.receive("ack", seqs=seqs[2:5])
+    assert [job for job, _ in agent.updates()] == [1, 2, 3, 4, 5, 6, 7]
 
 
 # -- malformed input --------------------------------------------------------------
@@ -289,7 +458,7 @@ def test_an_unacknowledged_update_is_resent_even_while_others_are_acknowledged(a
 def test_a_malformed_frame_gets_one_error_answer_and_nothing_else_happens(
         agent, payload, expected):
     agent.connect()
-    agent.state.set_status(5, S.RUNNING, scheduler_id="s5")
+    agent.record(5, S.RUNNING, scheduler_id="s5")
     before = (agent.outbox(), len(agent.sent))
     agent.core.frame_received(payload)
     (answer,) = agent.frames()[before[1]:]
@@ -521,9 +690,12 @@ def test_requests_for_the_same_job_are_served_one_at_a_time_in_order(agent):
     other_id = agent.request("cancel", job=6)  # another job is not held up
     assert [r["id"] for r in agent.replies()] == [other_id]
     agent.core.release()  # the submit runs
+    assert [r["id"] for r in agent.replies()] == [other_id]  # SUBMITTED not yet durable
+    agent.settle()
     assert [r["id"] for r in agent.replies()] == [other_id, submit_id]
     assert len(agent.core.held) == 1  # now the cancel's scheduler call
     agent.core.release()
+    agent.settle()
     assert [r["id"] for r in agent.replies()] == [other_id, submit_id, cancel_id]
     assert [c[0] for c in agent.calls()] == ["submit", "cancel"]
     assert agent.reply(cancel_id)["result"] == {"status": int(S.CANCELLING)}
@@ -532,69 +704,345 @@ def test_requests_for_the_same_job_are_served_one_at_a_time_in_order(agent):
 
 # -- files --------------------------------------------------------------------------
 
+def job_dir(tmp_path, job=5, files=None):
+    path = tmp_path / "jobs" / str(job)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, data in (files or {"out.txt": b"hello"}).items():
+        (path / name).write_bytes(data)
+    return path
+
+
+def read_all(source):
+    """What a transfer would send: every chunk the source gives."""
+    chunks = []
+    while sum(map(len, chunks)) < source.size:
+        d = source.read(source.size)
+        chunks.append(d.result)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def hooked(tmp_path):
+    HookedScheduler.send_as = None
+    a = Agent(tmp_path, HPC_SCHEDULER_CLASS=f"{__name__}.HookedScheduler")
+    yield a
+    a.core.poller.stop()
+    a.state.close()
+
+
 def test_list_files_lists_inside_the_job_directory_and_refuses_outside(agent, tmp_path):
-    job_dir = tmp_path / "jobs" / "5"
-    job_dir.mkdir(parents=True)
-    (job_dir / "out.txt").write_text("hello")
+    job_dir(tmp_path)
     agent.connect()
     reply = agent.ask("list_files", job=5, path="/", recursive=True)
-    assert reply["result"] == {"files": [["out.txt", False, 5]]}
+    assert reply["result"] == {"files": [["out.txt", False, 5]], "truncated": False,
+                               "next": None}
     refused = agent.ask("list_files", job=5, path="../../", recursive=True)
     assert (refused["ok"], refused["error"]) == (False, "path_refused")
 
 
-def test_fetch_file_starts_a_transfer_with_the_token_and_calls_the_hooks(agent, tmp_path):
-    job_dir = tmp_path / "jobs" / "5"
-    job_dir.mkdir(parents=True)
-    (job_dir / "out.txt").write_text("hello")
+def test_list_files_gives_mtimes_only_when_asked(agent, tmp_path):
+    path = job_dir(tmp_path)
+    os.utime(path / "out.txt", (1_700_000_000, 1_700_000_000))
+    agent.connect()
+    asked = agent.ask("list_files", job=5, path="/", recursive=True, with_mtime=True)
+    assert asked["result"]["files"] == [["out.txt", False, 5, 1_700_000_000.0]]
+    plain = agent.ask("list_files", job=5, path="/", recursive=True)
+    assert plain["result"]["files"] == [["out.txt", False, 5]]
+
+
+def test_list_files_pages_with_offset_and_limit(agent, tmp_path):
+    job_dir(tmp_path, files={f"f{i:02}": b"x" for i in range(7)})
+    agent.connect()
+    pages, offset = [], 0
+    while offset is not None:
+        result = agent.ask("list_files", job=5, path="/", recursive=False, offset=offset,
+                           limit=3)["result"]
+        pages.append([name for name, _, _ in result["files"]])
+        assert result["truncated"] is (result["next"] is not None)
+        offset = result["next"]
+    assert pages == [["f00", "f01", "f02"], ["f03", "f04", "f05"], ["f06"]]
+
+
+def test_a_listing_over_the_frame_limit_is_answered_in_pages_under_it(agent, tmp_path,
+                                                                     monkeypatch):
+    """Issue 9: a file list over the frame limit never answered."""
+    monkeypatch.setattr(wire, "MAX_CONTROL_MESSAGE", 64 * 1024 + 20_000)
+    names = {f"{'n' * 200}{i:04}": b"" for i in range(300)}  # about 70 kB of JSON
+    job_dir(tmp_path, files=names)
+    agent.connect()
+    seen, offset, frames = [], 0, 0
+    while offset is not None:
+        before = len(agent.sent)
+        result = agent.ask("list_files", job=5, path="/", recursive=False,
+                           offset=offset)["result"]
+        frames += 1
+        assert len(agent.sent[before]) <= wire.MAX_CONTROL_MESSAGE
+        seen += [name for name, _, _ in result["files"]]
+        offset = result["next"]
+    assert frames > 1 and seen == sorted(names)
+
+
+def test_fetch_file_starts_a_transfer_of_a_regular_file(agent, tmp_path):
+    path = job_dir(tmp_path)
+    os.utime(path / "out.txt", (1_700_000_000, 1_700_000_000))
     agent.connect()
     reply = agent.ask("fetch_file", job=5, path="out.txt", token="tok")
-    assert reply["result"] == {"size": 5}
-    ((token, handle, name, size, done),) = agent.transfers
-    assert (token, name, size, handle.read()) == ("tok", "out.txt", 5, b"hello")
-    handle.close()
-    path = str(job_dir / "out.txt")
-    assert agent.calls() == [("file_send_start", 5, path)]
-    done.callback(None)
-    assert agent.calls() == [("file_send_start", 5, path), ("file_send_end", 5, path)]
+    assert reply["result"] == {"size": 5, "total_size": 5, "mtime": 1_700_000_000.0}
+    ((token, source, done),) = agent.transfers
+    assert (token, source.name, source.size, read_all(source)) == ("tok", "out.txt", 5,
+                                                                   b"hello")
+    source.close()
     for bad in ("/", "../../state.sqlite3", "missing"):
         assert agent.ask("fetch_file", job=5, path=bad, token="t")["error"] == "path_refused"
+
+
+def test_fetch_file_sends_only_the_range_asked_for(agent, tmp_path):
+    job_dir(tmp_path, files={"data": bytes(range(100))})
+    agent.connect()
+    reply = agent.ask("fetch_file", job=5, path="data", token="t", offset=10, length=20)
+    assert reply["result"]["size"] == 20 and reply["result"]["total_size"] == 100
+    assert read_all(agent.transfers[0][1]) == bytes(range(10, 30))
+    to_end = agent.ask("fetch_file", job=5, path="data", token="t", offset=90, length=None)
+    assert to_end["result"]["size"] == 10
+    assert read_all(agent.transfers[1][1]) == bytes(range(90, 100))
+    past = agent.ask("fetch_file", job=5, path="data", token="t", offset=101)
+    assert past["error"] == "path_refused" and "past the end" in past["message"]
+    for _, source, _ in agent.transfers:
+        source.close()
+
+
+def test_fetch_file_calls_the_hooks_the_seed_way(hooked, tmp_path):
+    path = job_dir(tmp_path)
+    hooked.connect()
+    extra = {"archive": ["a", "b"]}
+    reply = hooked.ask("fetch_file", job=5, path="out.txt", token="t", extra_params=extra)
+    assert reply["ok"] is True
+    assert hooked.calls() == [("file_send_start", 5, "out.txt", extra)]
+    ((_, source, done),) = hooked.transfers
+    source.close()
+    done.callback(5)
+    assert hooked.calls()[1:] == [("file_send_end", 5, str(path / "out.txt"), extra)]
+
+
+def test_file_send_end_runs_after_a_failed_transfer_too(hooked, tmp_path):
+    from hpc_agent.transfer import TransferFailed
+
+    job_dir(tmp_path)
+    hooked.connect()
+    hooked.ask("fetch_file", job=5, path="out.txt", token="t")
+    ((_, source, done),) = hooked.transfers
+    source.close()
+    done.errback(TransferFailed("the connection closed"))
+    assert [c[0] for c in hooked.calls()] == ["file_send_start", "file_send_end"]
+
+
+def test_a_hook_may_name_a_file_of_its_own_outside_the_job_directory(hooked, tmp_path):
+    job_dir(tmp_path)
+    archive = tmp_path / "archive-5.tar"
+    archive.write_bytes(b"tarball")
+    HookedScheduler.send_as = (str(archive), True)
+    hooked.connect()
+    reply = hooked.ask("fetch_file", job=5, path="out.txt", token="t", extra_params=None)
+    assert reply["result"]["size"] == 7
+    ((_, source, done),) = hooked.transfers
+    assert read_all(source) == b"tarball"
+    source.close()
+    done.callback(7)
+    assert hooked.calls()[-1] == ("file_send_end", 5, str(archive), None)
+
+
+def test_a_hook_may_answer_with_an_absolute_path_inside_the_job_directory(hooked, tmp_path):
+    path = job_dir(tmp_path, files={"out.txt": b"hello", "report.pdf": b"%PDF"})
+    HookedScheduler.send_as = (str(path / "report.pdf"), False)
+    hooked.connect()
+    assert hooked.ask("fetch_file", job=5, path="out.txt", token="t")["result"]["size"] == 4
+    ((_, source, _),) = hooked.transfers
+    assert read_all(source) == b"%PDF"
+    source.close()
+
+
+def test_a_hooks_path_is_confined_to_the_job_directory_without_ignore_prefix(hooked, tmp_path):
+    job_dir(tmp_path)
+    HookedScheduler.send_as = ("../../settings.py", False)
+    (tmp_path / "settings.py").write_text("SECRET = 1")
+    hooked.connect()
+    reply = hooked.ask("fetch_file", job=5, path="out.txt", token="t")
+    assert reply["error"] == "path_refused"
+    assert hooked.transfers == []
+    # The end hook runs whenever the start hook did.
+    assert [c[0] for c in hooked.calls()] == ["file_send_start", "file_send_end"]
+
+
+def test_a_hook_that_vouches_for_a_fifo_still_gets_no_fifo_served(hooked, tmp_path):
+    job_dir(tmp_path)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    HookedScheduler.send_as = (str(fifo), True)
+    hooked.connect()
+    reply = hooked.ask("fetch_file", job=5, path="out.txt", token="t")
+    assert reply["error"] == "path_refused" and "FIFO" in reply["message"]
+
+
+def test_file_checksum_streams_the_whole_file(agent, tmp_path):
+    data = os.urandom(300_000)
+    job_dir(tmp_path, files={"big": data})
+    agent.connect()
+    result = agent.ask("file_checksum", job=5, path="big")["result"]
+    assert result["sha256"] == hashlib.sha256(data).hexdigest()
+    assert result["size"] == len(data) and isinstance(result["mtime"], float)
+    assert agent.ask("file_checksum", job=5, path="../..")["error"] == "path_refused"
 
 
 def test_without_a_job_absolute_paths_inside_an_extra_root_are_served(tmp_path):
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "r.csv").write_text("1,2")
-    (tmp_path / "jobs" / "5").mkdir(parents=True)
-    (tmp_path / "jobs" / "5" / "out.txt").write_text("hello")
+    job_dir(tmp_path)
     agent = Agent(tmp_path, HPC_ALLOWED_FILE_ROOTS=[str(tmp_path / "shared")])
     try:
         agent.connect()
         for path, size in ((tmp_path / "shared" / "r.csv", 3),
                            (tmp_path / "jobs" / "5" / "out.txt", 5)):
-            assert agent.ask("fetch_file", job=None, path=str(path), token="t")["result"] == \
-                {"size": size}
+            assert agent.ask("fetch_file", job=None, path=str(path),
+                             token="t")["result"]["size"] == size
         refused = agent.ask("fetch_file", job=None, path="/etc/passwd", token="t")
         assert refused["error"] == "path_refused"
-        for _, handle, *_ in agent.transfers:
-            handle.close()
+        for _, source, _ in agent.transfers:
+            source.close()
     finally:
         agent.state.close()
 
 
 def test_without_a_job_or_extra_roots_an_absolute_path_in_the_working_directory_is_served(
         agent, tmp_path):
-    (tmp_path / "jobs" / "5").mkdir(parents=True)
-    (tmp_path / "jobs" / "5" / "out.txt").write_text("hello")
+    job_dir(tmp_path)
     agent.connect()
     path = str(tmp_path / "jobs" / "5" / "out.txt")
     listed = agent.ask("list_files", job=None, path=str(tmp_path / "jobs" / "5"),
                        recursive=False)
     reply = agent.ask("fetch_file", job=None, path=path, token="t")
-    for _, handle, *_ in agent.transfers:
-        handle.close()
+    for _, source, _ in agent.transfers:
+        source.close()
     assert (listed.get("error"), reply.get("error")) == (None, None)
-    assert listed["result"] == {"files": [["5/out.txt", False, 5]]}
-    assert reply["result"] == {"size": 5}
+    assert listed["result"]["files"] == [["5/out.txt", False, 5]]
+    assert reply["result"]["size"] == 5
+
+
+# -- files that would block the agent -----------------------------------------------
+
+class GuardedCore(SyncCore):
+    """Runs every blocking call on a real thread, waiting at most 5 s: a call
+    still blocked then is a worker lost for good (``stuck``), as in the agent."""
+
+    stuck = None
+
+    def _run(self, held, f, args, kwargs):
+        if held is not None:
+            return super()._run(held, f, args, kwargs)
+        outcome = {}
+
+        def work():
+            try:
+                outcome["result"] = f(*args, **kwargs)
+            except BaseException as e:
+                outcome["error"] = e
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        thread.join(5)
+        if thread.is_alive():
+            self.stuck.append(f)
+            return defer.Deferred()
+        if "error" in outcome:
+            return defer.fail(outcome["error"])
+        return defer.succeed(outcome["result"])
+
+
+@pytest.fixture
+def guarded(tmp_path):
+    a = Agent(tmp_path)
+    a.core.__class__ = GuardedCore
+    a.core.stuck = []
+    yield a
+    a.core.poller.stop()
+    a.state.close()
+
+
+@pytest.mark.timeout(120)
+def test_fifos_in_a_job_directory_never_block_the_agent(guarded, tmp_path):
+    """Issue 9: a FIFO fetched four times stopped submits, polls and cancels."""
+    path = job_dir(tmp_path)
+    os.mkfifo(path / "pipe")
+    os.symlink("pipe", path / "link-to-pipe")
+    guarded.connect()
+    try:
+        for name in ("pipe", "link-to-pipe", "pipe", "/pipe", "pipe"):
+            reply = guarded.ask("fetch_file", job=5, path=name, token="t")
+            assert reply["error"] == "path_refused" and "FIFO" in reply["message"]
+        listing = guarded.ask("list_files", job=5, path="/", recursive=True)["result"]
+        assert [name for name, _, _ in listing["files"]] == ["out.txt"]
+        assert guarded.core.stuck == []
+        assert guarded.ask("submit", job=6, parameters=PARAMS)["result"]["status"] == \
+            int(S.SUBMITTED)
+        assert guarded.ask("cancel", job=6)["result"] == {"status": int(S.CANCELLING)}
+    finally:
+        # Free whatever an old agent left blocked in open().
+        for _ in guarded.core.stuck:
+            fd = os.open(path / "pipe", os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+
+
+def test_a_character_device_is_refused_without_being_read(agent, tmp_path):
+    path = job_dir(tmp_path)
+    os.symlink("/dev/zero", path / "zeros")
+    agent.connect()
+    reply = agent.ask("fetch_file", job=None, path="/dev/zero", token="t")
+    assert reply["error"] == "path_refused"
+    assert agent.ask("fetch_file", job=5, path="zeros", token="t")["error"] == "path_refused"
+    assert agent.transfers == []
+
+
+def test_a_hung_file_system_fails_the_request_and_the_agent_goes_on(agent, tmp_path):
+    job_dir(tmp_path)
+    agent.connect()
+    agent.core.held_files = []  # every file call hangs, like a dead NFS server
+    timeout = agent.settings.HPC_FILE_TIMEOUT_SECONDS
+    ids = [agent.request("fetch_file", job=5, path="out.txt", token="t")
+           for _ in range(FILE_THREADS)]
+    assert [agent.replies()] == [[]]
+    agent.clock.advance(timeout)
+    for request_id in ids:
+        reply = agent.reply(request_id)
+        assert reply["error"] == "file_timeout" and "did not finish" in reply["message"]
+    # Every file worker is stuck: the next file request is refused at once.
+    refused = agent.ask("list_files", job=5, path="/", recursive=False)
+    assert refused["error"] == "file_timeout" and "not returned" in refused["message"]
+    # Jobs are served all the while.
+    assert agent.ask("submit", job=6, parameters=PARAMS)["result"]["status"] == \
+        int(S.SUBMITTED)
+    assert agent.ask("cancel", job=7)["result"] == {"status": int(S.CANCELLED)}
+    # The file system comes back: the late opens are closed, workers are free.
+    while agent.core.held_files:
+        agent.core.release(agent.core.held_files)
+    assert agent.core.files.stuck == 0
+    agent.core.held_files = None
+    assert agent.ask("list_files", job=5, path="/", recursive=False)["ok"] is True
+
+
+def test_a_read_that_hangs_fails_the_transfer_after_the_deadline(agent, tmp_path):
+    from hpc_agent.workers import FilesUnavailable
+
+    job_dir(tmp_path)
+    agent.connect()
+    agent.ask("fetch_file", job=5, path="out.txt", token="t")
+    ((_, source, _),) = agent.transfers
+    agent.core.held_files = []
+    d = source.read(5)
+    agent.clock.advance(agent.settings.HPC_FILE_TIMEOUT_SECONDS)
+    assert isinstance(d.result.value, FilesUnavailable)
+    d.addErrback(lambda f: None)
+    agent.core.release(agent.core.held_files)
+    agent.core.held_files = None
+    source.close()
 
 
 # -- polling ------------------------------------------------------------------------
@@ -606,6 +1054,7 @@ def test_poll_records_running_before_an_end_seen_in_one_poll(agent):
     FakeScheduler.states = {5: JobState(S.COMPLETED, started=1.0),
                             6: JobState(S.ERROR, "exit code 1")}  # never started
     assert agent.core.poll().result is True
+    agent.settle()
     assert agent.updates() == [(5, S.SUBMITTED), (6, S.QUEUED),
                                (5, S.RUNNING), (5, S.COMPLETED), (6, S.ERROR)]
 
@@ -722,3 +1171,51 @@ def test_a_failing_poll_keeps_the_poller_going(agent):
     FakeScheduler.states = {5: JobState(S.COMPLETED)}
     run_clock(agent, t0 + 9)
     assert agent.state.get(5).status == S.COMPLETED
+
+
+# -- the file hooks' calling convention -----------------------------------------------
+
+class _Hooks:
+    def __init__(self, answer=None):
+        self.answer = answer
+        self.calls = []
+
+    def file_send_start(self, file_path, extra_params):
+        self.calls.append((file_path, extra_params))
+        return self.answer
+
+
+class _OneArgumentHooks:
+    """Hooks written for this project's first release: the path only."""
+
+    def __init__(self):
+        self.calls = []
+
+    def file_send_start(self, path):
+        self.calls.append(path)
+
+    def file_send_end(self, path):
+        self.calls.append(("end", path))
+
+
+@pytest.mark.parametrize("answer,expected", [
+    (None, ("out.txt", False)), ("other.txt", ("other.txt", False)),
+    (("/abs/archive.tar", True), ("/abs/archive.tar", True)),
+    (["x", 1], ("x", True)),
+])
+def test_file_send_start_answers_are_taken_the_seed_way(answer, expected):
+    hooks = _Hooks(answer)
+    assert jobfiles._send_start(hooks, "out.txt", {"k": 1}) == expected
+    assert hooks.calls == [("out.txt", {"k": 1})]
+
+
+def test_a_file_send_start_answer_without_a_path_is_an_error():
+    with pytest.raises(TypeError, match=r"\(path, ignore_prefix\)"):
+        jobfiles._send_start(_Hooks((None, True)), "out.txt", None)
+
+
+def test_one_argument_hooks_still_work():
+    hooks = _OneArgumentHooks()
+    assert jobfiles._send_start(hooks, "out.txt", {"k": 1}) == ("out.txt", False)
+    jobfiles._call_hook(hooks.file_send_end, "/jobs/5/out.txt", None)
+    assert hooks.calls == ["out.txt", ("end", "/jobs/5/out.txt")]

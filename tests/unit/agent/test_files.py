@@ -1,10 +1,15 @@
 """Listing and resolving job files, confined to their roots (hpc_agent.files)."""
 
+import hashlib
+import json
 import os
+import socket
+import threading
+import time
 
 import pytest
 
-from hpc_agent.files import PathRefused, list_files, resolve
+from hpc_agent.files import PathRefused, checksum, list_files, open_file, page, resolve
 
 
 @pytest.fixture
@@ -189,3 +194,196 @@ def test_a_listing_of_the_whole_tree_with_extra_roots_stays_inside_them(tree):
     assert not any("results.csv" in p or "passwd" in p for p in entries)
     assert "13/out-link" not in entries
     assert entries["13/shared-link"] == (True, 0)
+
+
+# -- opening: regular files only, confined by descriptor ---------------------------
+
+def opened_bytes(opened):
+    try:
+        return opened.handle.read()
+    finally:
+        opened.close()
+
+
+def in_thread(f, *args, timeout=10, **kwargs):
+    """Run ``f`` on a thread and give up waiting after ``timeout``: a call
+    that blocks fails the test instead of hanging it."""
+    outcome = {}
+
+    def work():
+        try:
+            outcome["result"] = f(*args, **kwargs)
+        except BaseException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{f.__name__} blocked"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def test_open_file_gives_the_bytes_of_a_file_inside(tree):
+    opened = open_file(job_root(tree), "sub/b.bin")
+    assert (opened.name, opened.size, opened.total_size) == ("b.bin", 1234, 1234)
+    assert opened_bytes(opened) == b"y" * 1234
+
+
+def test_open_file_refuses_a_directory(tree):
+    with pytest.raises(PathRefused, match="directory"):
+        open_file(job_root(tree), "sub")
+
+
+def test_a_fifo_is_refused_at_once_and_never_opened_for_reading(tree):
+    """Issue 9: open() of a FIFO blocked a worker thread for good."""
+    job = tree / "jobs" / "13"
+    os.mkfifo(job / "pipe")
+    os.symlink("pipe", job / "pipe-link")
+    for path in ("pipe", "pipe-link", "/pipe"):
+        with pytest.raises(PathRefused, match="FIFO"):
+            in_thread(open_file, job_root(tree), path)
+    with pytest.raises(PathRefused, match="FIFO"):
+        in_thread(open_file, [], str(job / "pipe"), confined=False)
+    with pytest.raises(PathRefused, match="FIFO"):
+        in_thread(checksum, job_root(tree), "pipe")
+
+
+def test_device_files_and_sockets_are_refused(tree):
+    job = tree / "jobs" / "13"
+    os.symlink("/dev/zero", job / "zeros")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(job / "sock"))
+    try:
+        with pytest.raises(PathRefused):
+            in_thread(open_file, job_root(tree), "zeros")  # outside, and a device
+        with pytest.raises(PathRefused, match="device"):
+            in_thread(open_file, ["/dev"], "/dev/zero", job_relative=False)
+        with pytest.raises(PathRefused, match="device"):
+            in_thread(open_file, [], "/dev/zero", confined=False)
+        with pytest.raises(PathRefused, match="socket"):
+            open_file(job_root(tree), "sock")
+    finally:
+        server.close()
+
+
+def test_a_listing_leaves_out_fifos_and_sockets(tree):
+    os.mkfifo(tree / "jobs" / "13" / "pipe")
+    assert "pipe" not in listing(list_files(job_root(tree), "/", recursive=True))
+
+
+def test_a_range_is_opened_at_its_offset_with_the_size_to_send(tree):
+    (tree / "jobs" / "13" / "data").write_bytes(bytes(range(100)))
+    opened = open_file(job_root(tree), "data", offset=10, length=5)
+    assert (opened.offset, opened.size, opened.total_size) == (10, 5, 100)
+    assert opened.handle.read(opened.size) == bytes(range(10, 15))
+    opened.close()
+    opened = open_file(job_root(tree), "data", offset=95, length=50)
+    assert opened.size == 5
+    opened.close()
+    assert open_file(job_root(tree), "data", offset=100).size == 0
+    with pytest.raises(PathRefused, match="past the end"):
+        open_file(job_root(tree), "data", offset=101)
+    with pytest.raises(PathRefused, match="negative"):
+        open_file(job_root(tree), "data", offset=-1)
+
+
+def test_a_hooks_absolute_path_inside_the_job_directory_is_taken_as_it_is(tree):
+    path = str(tree / "jobs" / "13" / "sub" / "b.bin")
+    assert opened_bytes(open_file(job_root(tree), path, absolute_inside=True)) == b"y" * 1234
+    # A request's leading / is the job directory's, whatever follows.
+    with pytest.raises(PathRefused, match="does not exist"):
+        open_file(job_root(tree), path)
+    with pytest.raises(PathRefused, match="outside"):
+        open_file(job_root(tree), str(tree / "outside" / "passwd"), absolute_inside=True)
+
+
+def test_a_symlink_loop_is_refused(tree):
+    job = tree / "jobs" / "13"
+    os.symlink("loop-b", job / "loop-a")
+    os.symlink("loop-a", job / "loop-b")
+    with pytest.raises(PathRefused, match="too many symbolic links"):
+        open_file(job_root(tree), "loop-a")
+
+
+def test_relative_and_absolute_symlinks_inside_are_followed_by_the_walk(tree):
+    job = tree / "jobs" / "13"
+    os.symlink("../a.txt", job / "sub" / "up")
+    os.symlink(str(job / "sub"), job / "abs-sub")
+    os.symlink("abs-sub/../../131/secret", job / "sneaky")
+    assert opened_bytes(open_file(job_root(tree), "sub/up")) == b"x" * 5
+    assert opened_bytes(open_file(job_root(tree), "abs-sub/up")) == b"x" * 5
+    with pytest.raises(PathRefused, match="outside"):
+        open_file(job_root(tree), "sneaky")
+
+
+def test_checksum_reads_the_whole_file_and_beats_as_it_goes(tree):
+    data = os.urandom(3 * 1024 + 5)
+    (tree / "jobs" / "13" / "data").write_bytes(data)
+    beats = []
+    result = checksum(job_root(tree), "data", chunk_size=1024, beat=lambda: beats.append(1))
+    assert result["sha256"] == hashlib.sha256(data).hexdigest()
+    assert result["size"] == len(data) and len(beats) == 4
+    assert result["mtime"] == os.stat(tree / "jobs" / "13" / "data").st_mtime
+
+
+def test_a_listing_can_carry_mtimes(tree):
+    os.utime(tree / "jobs" / "13" / "a.txt", (1_600_000_000, 1_600_000_000))
+    entries = {e[0]: e for e in list_files(job_root(tree), "/", recursive=False,
+                                           with_mtime=True)}
+    assert entries["a.txt"] == ["a.txt", False, 5, 1_600_000_000.0]
+    assert len(entries["sub"]) == 4
+
+
+def test_page_keeps_a_page_under_its_byte_budget_and_always_moves_on():
+    entries = [[f"{'x' * 100}{i:03}", False, i] for i in range(100)]
+    first, following = page(entries, max_bytes=2000)
+    assert 0 < len(first) < 100 and following == len(first)
+    assert len(json.dumps(first)) <= 2000
+    rest, end = page(entries, offset=following, limit=5)
+    assert rest == entries[following:following + 5] and end == following + 5
+    (huge,), after = page([["y" * 5000, False, 1], ["z", False, 1]], max_bytes=100)
+    assert huge[0] == "y" * 5000 and after == 1
+    assert page(entries, offset=100) == ([], None)
+
+
+# -- the race a swapping job ran --------------------------------------------------------
+
+def test_a_directory_swapped_for_a_symlink_never_serves_what_is_outside(tmp_path):
+    """Issue 9: a job swapping a directory for a symlink between the check
+    and the open got the agent's own settings.py served, 440 times in 30 s."""
+    agent_dir = tmp_path / "agent"
+    job = agent_dir / "jobs" / "13"
+    (job / "sub").mkdir(parents=True)
+    (job / "sub" / "settings.py").write_text("inside")
+    (agent_dir / "settings.py").write_text("SECRET = 'the agent's own'")
+    (agent_dir / "state.sqlite3").write_text("")
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            os.rename(job / "sub", job / "sub.real")
+            os.symlink(agent_dir, job / "sub")
+            os.unlink(job / "sub")
+            os.rename(job / "sub.real", job / "sub")
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    served, refused, listed = [], 0, set()
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                served.append(opened_bytes(open_file([str(job)], "sub/settings.py")))
+            except PathRefused:
+                refused += 1
+            try:
+                listed |= {e[0] for e in list_files([str(job)], "/", recursive=True)}
+            except PathRefused:
+                pass
+    finally:
+        stop.set()
+        swapper.join()
+    assert served and set(served) == {b"inside"}
+    assert not any("state.sqlite3" in name or name.startswith("sub/jobs") for name in listed)

@@ -100,6 +100,30 @@ def test_a_holder_ignoring_sigterm_gets_sigkill(tmp_path, holders):
         os.close(fd)
 
 
+def test_a_stopped_holder_is_continued_so_that_it_acts_on_sigterm(tmp_path, holders):
+    """Issue 9: a SIGSTOPped agent delayed its replacement until SIGKILL."""
+    path = str(tmp_path / "agent.lock")
+    holder = holders(path)
+    os.kill(holder.pid, signal.SIGSTOP)
+    logged = []
+    start = time.monotonic()
+    fd = take_over(path, term_wait=20, kill_wait=5, log=logged.append)
+    try:
+        assert holder.wait(timeout=5) == -signal.SIGTERM
+        assert time.monotonic() - start < 10
+        assert [m.rsplit(" ", 1)[1] for m in logged] == ["SIGTERM"]
+    finally:
+        os.close(fd)
+
+
+def test_sigkill_comes_sooner_than_it_did(tmp_path):
+    """A holder that ignores SIGTERM waits 10 s for SIGKILL by default (30 s before)."""
+    import inspect
+
+    defaults = inspect.signature(take_over).parameters
+    assert defaults["term_wait"].default <= 10
+
+
 def test_a_holder_that_cannot_be_signalled_leaves_the_lock_busy(tmp_path, holders):
     path = str(tmp_path / "agent.lock")
     holder = holders(path, "hide-pid")  # holds the lock but its pid is not in the file

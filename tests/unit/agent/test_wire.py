@@ -18,6 +18,7 @@ _SAMPLES = [
     (wire.OBJECT, {"k": [1, None]}), (wire.ANY, {"script": "echo hi", "n": [1, 2.5, None]}),
     (wire.OPT_INT, None), (wire.OPT_STR, "slurm-42"), (wire.INT_LIST, [1, 2, 3]),
     (wire.FILE_LIST, [["a/b.txt", False, 12], ["a", True, 0]]),
+    (wire.COUNT, 0), (wire.OPT_COUNT, 10), (wire.OPT_LIMIT, None),
 ]
 
 
@@ -196,6 +197,27 @@ def test_booleans_are_not_integers_in_lists_and_file_entries_either():
     assert wire.FILE_LIST[1]([["a", True, 0]])
 
 
+def test_file_entries_may_carry_an_mtime_as_a_fourth_element():
+    assert wire.FILE_LIST[1]([["a", False, 3, 1700000000.5], ["b", True, 0]])
+    assert not wire.FILE_LIST[1]([["a", False, 3, "yesterday"]])
+    assert not wire.FILE_LIST[1]([["a", False, 3, 1.0, "extra"]])
+
+
+@pytest.mark.parametrize("mtype,field,value", [
+    ("list_files", "offset", -1), ("list_files", "limit", 0), ("list_files", "with_mtime", 1),
+    ("fetch_file", "offset", -5), ("fetch_file", "length", -1), ("fetch_file", "offset", None),
+    ("welcome", "resume_grace_seconds", "15"), ("ack", "retry", [1, "2"]),
+    ("file_header", "total_size", 1.5),
+])
+def test_the_new_optional_fields_are_checked(mtype, field, value):
+    assert refused({"type": mtype, **valid_fields(mtype), field: value}).code == "bad_field"
+
+
+def test_the_new_optional_fields_may_be_left_out_by_an_older_peer():
+    for mtype in ("welcome", "ack", "list_files", "fetch_file", "file_header"):
+        assert wire.decode(wire.encode(mtype, **valid_fields(mtype, with_optional=False)))
+
+
 def test_a_boolean_is_not_accepted_as_a_number():
     frame = {"type": "update", "seq": 1, "job": 1, "status": 50, "detail": "",
              "at": True, "scheduler_id": None}
@@ -228,7 +250,7 @@ def test_the_direction_sets_are_as_documented():
     assert wire.FROM_AGENT == {"hello", "update", "reply", "error", "file_header",
                                "file_end", "file_error"}
     assert wire.FROM_HPCD == {"welcome", "ack", "submit", "cancel", "delete", "list_files",
-                              "fetch_file", "error", "reply", "file_done"}
+                              "fetch_file", "file_checksum", "error", "reply", "file_done"}
 
 
 # -- answering errors -----------------------------------------------------------
