@@ -99,7 +99,7 @@ class PBS(BatchScheduler):
                 f"the job directory {directory!r} holds ':', which PBS reads as host:path")
         # PBS starts jobs in $HOME and has no working-directory option on
         # PBS Pro: the script cds, and the output paths are absolute.
-        args = ["-N", self.job_name(spec), "-S", "/bin/bash",
+        args = ["-N", self.scheduler_job_name(spec), "-S", "/bin/bash",
                 "-o", os.path.join(directory, f"{self.output_name}{suffix}.out"),
                 "-e", os.path.join(directory, f"{self.output_name}{suffix}.err")]
         args += self.resource_arguments(spec)
@@ -211,7 +211,7 @@ class PBS(BatchScheduler):
     # -- batch calls ----------------------------------------------------------
 
     @classmethod
-    def status_many(cls, settings, jobs):
+    def batch_status(cls, settings, jobs):
         jobs = [(ui_id, str(job_id)) for ui_id, job_id in jobs if job_id]
         known = cls.qstat([job_id for _, job_id in jobs])
         subjobs = {}

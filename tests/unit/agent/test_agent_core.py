@@ -35,8 +35,8 @@ class FakeScheduler(Scheduler):
     cancel_error = None
     clock = None
 
-    def submit(self, parameters):
-        FakeScheduler.calls.append(("submit", self.ui_id, parameters))
+    def submit(self, job_parameters):
+        FakeScheduler.calls.append(("submit", self.ui_id, job_parameters))
         if FakeScheduler.on_submit is not None:
             FakeScheduler.on_submit(self.ui_id)
         results = FakeScheduler.submit_results.get(self.ui_id)
@@ -56,11 +56,12 @@ class FakeScheduler(Scheduler):
     def delete_data(self):
         FakeScheduler.calls.append(("delete_data", self.ui_id, self.job_id))
 
-    def file_send_start(self, path):
-        FakeScheduler.calls.append(("file_send_start", self.ui_id, path))
+    def file_send_start(self, file_path, extra_params=None):
+        FakeScheduler.calls.append(("file_send_start", self.ui_id, file_path))
+        return file_path, False
 
-    def file_send_end(self, path):
-        FakeScheduler.calls.append(("file_send_end", self.ui_id, path))
+    def file_send_end(self, file_path, extra_params=None):
+        FakeScheduler.calls.append(("file_send_end", self.ui_id, file_path))
 
     @classmethod
     def status_many(cls, settings, jobs):
