@@ -9,8 +9,9 @@ fraction of the memory while its job runs.  The runner
   runner's pid as soon as it has started it; it records the pid (with the
   process's start time, which tells it from a later process with the same
   pid) in ``runner.json`` and only then says go.  A runner that reads
-  anything else (the agent died before recording it) exits without running
-  the job, so a job runs only if its record exists and cannot run twice;
+  anything else (the agent died first) exits without running the job, so a
+  job runs only if its record exists and cannot run twice (when the record
+  was written, the runner leaves a result that says the job never ran);
 * runs the job in a process group of its own, in the working directory, with
   its output appended to the given files and, if asked, an address-space
   limit (``ulimit -v``, the only per-job memory limit a plain process has
@@ -20,8 +21,8 @@ fraction of the memory while its job runs.  The runner
   :data:`GRACE_SECONDS`;
 * records the job's process group in ``pgid`` (so a cancel can stop the job
   even if the runner was killed) and its outcome in ``result.json``, written
-  last: ``{"exit_code", "signal", "stopped": null|"cancelled"|"walltime",
-  "started", "finished"}``.  As a shell reports it, a job whose exit status is
+  last: ``{"exit_code", "signal", "stopped": null|"cancelled"|"walltime"|"not
+  started", "started", "finished"}``.  As a shell reports it, a job whose exit status is
   128+N is recorded as killed by signal N.  A reader trusts result.json only
   once the runner has exited.
 
@@ -71,6 +72,13 @@ _hpc_stop_job() {
     _hpc_grace=$!
 }
 
+# _hpc_result EXIT_CODE SIGNAL STOPPED STARTED: the job's outcome, as JSON.
+_hpc_result() {
+    _hpc_now
+    printf '{"exit_code": %s, "signal": %s, "stopped": %s, "started": %s, "finished": %s}\n' \
+        "$1" "$2" "$3" "$4" "$_hpc_t" >"$_hpc_c/result.json"
+}
+
 # A trapped signal also ends the wait below early: _hpc_woke says so.
 _hpc_on_signal() {
     _hpc_woke=1
@@ -87,7 +95,13 @@ trap '_hpc_on_signal cancelled' TERM INT HUP
 trap '_hpc_on_signal walltime' USR1
 IFS= read -r _hpc_go || _hpc_go=
 exec </dev/null
-[ "$_hpc_go" = go ] || exit 0
+if [ "$_hpc_go" != go ]; then
+    # The agent stopped before saying go.  If it had recorded this runner,
+    # say that the job never ran; if not, leave no trace (it submits again).
+    [ -e "$_hpc_c/runner.json" ] || exit 0
+    _hpc_result null null '"not started"' null
+    exit 0
+fi
 
 if [ -z "$_hpc_stop" ]; then
     _hpc_now
@@ -128,10 +142,7 @@ else
 fi
 _hpc_stopped=null
 [ -z "$_hpc_stop" ] || _hpc_stopped="\"$_hpc_stop\""
-_hpc_now
-printf '{"exit_code": %s, "signal": %s, "stopped": %s, "started": %s, "finished": %s}\n' \
-    "$_hpc_code" "$_hpc_signal" "$_hpc_stopped" "$_hpc_started" "$_hpc_t" \
-    >"$_hpc_c/result.json"
+_hpc_result "$_hpc_code" "$_hpc_signal" "$_hpc_stopped" "$_hpc_started"
 '''
 
 _SLEEP = shutil.which("sleep") or "/bin/sleep"

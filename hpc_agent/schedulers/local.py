@@ -22,7 +22,8 @@ import os
 import signal
 
 from hpc_agent import runner
-from hpc_agent.schedulers.base import InvalidParameters, JobSpec, JobState, Scheduler
+from hpc_agent.schedulers.base import (
+    InvalidParameters, JobSpec, JobState, Scheduler, SchedulerError)
 from hpc_agent.status import JobStatus
 
 
@@ -110,7 +111,9 @@ class Local(Scheduler):
             pid, process = runner.start(control, workdir, command, env, output,
                                         walltime_seconds, memory_mb)
         except OSError as e:
-            raise InvalidParameters(f"the job runner did not start: {e}") from None
+            # Out of processes, say: it may pass, and no record says it ran,
+            # so the agent may try again.
+            raise SchedulerError(f"the job runner did not start: {e}") from None
         # The runner outlives the agent but is its child while both live:
         # status() reaps it once it has ended.
         Local._children[pid] = process
@@ -224,6 +227,9 @@ def _result_state(result):
                                     and not isinstance(started, bool)):
         raise ValueError(f"started is {started!r}")
     stopped = result.get("stopped")
+    if stopped == "not started":
+        return JobState(JobStatus.ERROR, "the job never ran: the agent stopped while starting "
+                                         "it; submit it again")
     if stopped == "cancelled":
         return JobState(JobStatus.CANCELLED, started=started)
     if stopped == "walltime":

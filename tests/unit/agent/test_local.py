@@ -406,19 +406,37 @@ def test_the_id_is_on_record_when_submit_returns(agent_settings):
     assert Local.find_submitted(agent_settings, [50, 51]) == {50: job_id}
 
 
-def test_a_runner_never_told_to_go_runs_nothing(tmp_path):
-    """The agent died between starting the runner and recording it: the job must
-    not run, or a resubmission would run it twice."""
-    control_dir, workdir = tmp_path / "control", tmp_path / "work"
-    control_dir.mkdir()
+def runner_without_go(tmp_path, recorded):
+    """A runner whose agent died before saying go (after recording it, or not)."""
+    control_dir, workdir = tmp_path / "bare" / "control", tmp_path / "bare" / "work"
+    control_dir.mkdir(parents=True)
     workdir.mkdir()
+    if recorded:
+        (control_dir / "runner.json").write_text('{"pid": 1, "start": 1}')
     process = subprocess.Popen(
         ["hpc-runner", "--posix", "-c", runner.RUNNER, "hpc-runner", str(control_dir),
          str(workdir), "0", "0", str(workdir / "out"), str(workdir / "err"), "sleep", "10",
          "/bin/bash", "-c", "touch ran"], executable="/bin/bash", stdin=subprocess.PIPE)
     process.stdin.close()
     assert process.wait(timeout=10) == 0
-    assert os.listdir(workdir) == [] and os.listdir(control_dir) == []
+    assert os.listdir(workdir) == []  # the job never ran
+    return control_dir
+
+
+def test_a_runner_never_told_to_go_runs_nothing_and_leaves_no_trace(tmp_path):
+    """The agent died before recording the runner: it will submit the job again,
+    so this runner must not run it."""
+    assert os.listdir(runner_without_go(tmp_path, recorded=False)) == []
+
+
+def test_a_recorded_runner_never_told_to_go_says_the_job_never_ran(tmp_path, agent_settings):
+    control_dir = runner_without_go(tmp_path, recorded=True)
+    result = json.loads((control_dir / "result.json").read_text())
+    job = Local(agent_settings, 55)
+    os.makedirs(job.control_dir())
+    Path(job.control_dir(), "result.json").write_text(json.dumps(result))
+    assert job.status() == JobState(
+        S.ERROR, "the job never ran: the agent stopped while starting it; submit it again")
 
 
 def test_the_runner_and_the_job_have_sessions_and_groups_of_their_own(agent_settings):
