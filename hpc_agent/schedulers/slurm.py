@@ -47,7 +47,7 @@ _SLURM_STATES = {
 _QUIET_REASONS = {"None", "Priority", "Resources", "NonZeroExitCode", ""}
 
 #: "123", "123_4", "123_[5-9%2]"; steps ("123.batch") do not match.
-_SACCT_ID = re.compile(r"^(\d+)(?:_(\d+|\[[^\]]*\]))?(?:\+\d+)?$")
+_SACCT_ID = re.compile(r"(\d+)(?:_(\d+|\[[^\]]*\]))?(?:\+\d+)?")
 
 
 def slurm_state(state, exit_code=(0, 0), reason="", start=""):
@@ -227,7 +227,7 @@ class Slurm(BatchScheduler):
         job_of_tag = {tag: job_id for job_id, tag in jobs.items()}
         found = collections.defaultdict(list)
         for row_id, state, exit_code, start, name in rows:
-            match = _SACCT_ID.match(row_id)
+            match = _SACCT_ID.fullmatch(row_id)
             if not match:
                 continue
             code, _, signal = exit_code.partition(":")
@@ -291,7 +291,7 @@ class Slurm(BatchScheduler):
         rows, from_jobcomp = cls.sacct([f"--starttime=now-{cls.find_lookback_days}days"])
         in_accounting = collections.defaultdict(set)
         for row_id, *_, name in rows:
-            match = _SACCT_ID.match(row_id)
+            match = _SACCT_ID.fullmatch(row_id)
             if match and tag_of(name) in tags:
                 in_accounting[tags[tag_of(name)]].add(int(match[1]))
         for ui_id, job_ids in in_accounting.items():
