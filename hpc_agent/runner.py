@@ -45,8 +45,6 @@ GRACE_SECONDS = 10
 #: them), and it runs no program but sleep and the job: the job's environment
 #: (PATH included) is the runner's.
 RUNNER = r'''
-set -m  # the job and the timers each get a process group of their own
-
 # _hpc_later SECONDS COMMAND...: COMMAND after SECONDS, unless the runner
 # died meanwhile (its pid may be another process's by then).
 _hpc_later() {
@@ -64,12 +62,25 @@ _hpc_now() {
     [ -n "$_hpc_t" ] || _hpc_t=null
 }
 
+# _hpc_timer SECONDS COMMAND...: _hpc_later in the background, in a process
+# group of its own (so that killing the group stops its sleep too); its pid
+# in _hpc_timer.  Job control (set -m) is on only while a group is made: with
+# it, wait would also return when the job is stopped (SIGSTOP), not only
+# when it ends.
+_hpc_timer() {
+    set -m
+    _hpc_later "$@" &
+    _hpc_timer=$!
+    set +m
+}
+
 # Stop the job: SIGTERM to its group now, SIGKILL after the grace period.
 _hpc_stop_job() {
     [ -n "$_hpc_pg" ] && [ -n "$_hpc_stop" ] && [ -z "$_hpc_grace" ] || return 0
     kill -TERM -- "-$_hpc_pg" 2>/dev/null
-    _hpc_later "$_hpc_grace_seconds" kill -KILL -- "-$_hpc_pg" 2>/dev/null &
-    _hpc_grace=$!
+    kill -CONT -- "-$_hpc_pg" 2>/dev/null  # a stopped job acts on it now
+    _hpc_timer "$_hpc_grace_seconds" kill -KILL -- "-$_hpc_pg"
+    _hpc_grace=$_hpc_timer
 }
 
 # _hpc_result EXIT_CODE SIGNAL STOPPED STARTED: the job's outcome, as JSON.
@@ -106,16 +117,18 @@ fi
 if [ -z "$_hpc_stop" ]; then
     _hpc_now
     _hpc_started=$_hpc_t
+    set -m  # the job's own process group
     (
         cd -- "$_hpc_w" || exit 1
         if [ "$_hpc_mem" != 0 ]; then ulimit -v "$_hpc_mem" || exit 1; fi
         exec "$@"
     ) >>"$_hpc_out" 2>>"$_hpc_err" &
     _hpc_pg=$!
+    set +m
     printf '%s\n' "$_hpc_pg" >"$_hpc_c/pgid"
     if [ "$_hpc_wall" != 0 ]; then
-        _hpc_later "$_hpc_wall" kill -USR1 "$_hpc_me" &
-        _hpc_watch=$!
+        _hpc_timer "$_hpc_wall" kill -USR1 "$_hpc_me"
+        _hpc_watch=$_hpc_timer
     fi
     _hpc_stop_job  # a cancel that came while the job was starting
     # wait returns early when a trapped signal comes: wait again until it

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import kill_agent
 from hpc_agent import runner
 from hpc_agent.config import AgentSettings
 from hpc_agent.schedulers.base import InvalidParameters, JobState, submit_job
@@ -19,30 +20,12 @@ from hpc_agent.schedulers.local import Local
 from hpc_agent.status import JobStatus as S
 
 
-def kill_runners(base):
-    """Kill every runner and job under an agent directory (both layouts)."""
-    for info_path in [*base.glob("control/*/runner.json"), *base.glob("jobs/*/.hpc/runner.json")]:
-        try:
-            info = json.loads(info_path.read_text())
-        except ValueError:
-            continue
-        pgid = info.get("pgid")
-        if pgid is None and (info_path.parent / "pgid").exists():
-            pgid = int((info_path.parent / "pgid").read_text())
-        for kill, target in ((os.killpg, pgid), (os.kill, info.get("pid"))):
-            try:
-                if isinstance(target, int) and target > 1:
-                    kill(target, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
 @pytest.fixture
 def agent_settings(tmp_path):
     s = AgentSettings(str(tmp_path), {"HPC_JOB_WORKING_DIRECTORY": str(tmp_path / "jobs")})
     yield s
     # Leave no job behind, whatever the test did.
-    kill_runners(tmp_path)
+    kill_agent(str(tmp_path))
 
 
 def wait_for_state(job, wanted, timeout=3.0):
@@ -526,3 +509,68 @@ def test_a_site_can_share_job_directories_with_its_group(tmp_path, umask):
 def test_unusable_or_world_writable_directory_modes_are_refused(tmp_path, mode):
     with pytest.raises(ValueError, match="HPC_JOB_DIRECTORY_MODE"):
         AgentSettings(str(tmp_path), {"HPC_JOB_DIRECTORY_MODE": mode})
+
+
+def test_the_local_submit_benchmark_runs():
+    """bench/local_submit.py at a small size, so it keeps working (not a timing)."""
+    bench = Path(__file__).resolve().parents[3] / "bench" / "local_submit.py"
+    out = subprocess.run([sys.executable, str(bench), "--jobs", "3"], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        "local_submit", "local_submit_each", "local_all_finished"]
+    assert "still running" not in out
+
+
+def session_members(sid):
+    """Live processes of a session (a runner's session id is its pid)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != b"Z":
+                members.append(int(entry))
+    return members
+
+
+@pytest.mark.parametrize("script, wanted", [
+    ("sleep 30 & echo started", S.COMPLETED),  # a background child outliving the script
+    ("sleep 30", S.CANCELLED),
+])
+def test_the_runner_leaves_no_process_behind(agent_settings, script, wanted):
+    """Nor its walltime and grace timers: nothing is left of its session."""
+    job = Local(agent_settings, 56)
+    pid = int(submit_job(job, {"script": script, "walltime_seconds": 60}))
+    wait_for_file(job.control_dir(), "pgid")
+    if wanted == S.CANCELLED:
+        job.cancel()
+    assert wait_for_state(job, wanted).status == wanted
+    deadline = time.monotonic() + 2
+    while session_members(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert session_members(pid) == []
+
+
+def test_a_stopped_job_is_not_an_ended_one(agent_settings):
+    job = Local(agent_settings, 57)
+    submit_job(job, {"script": "sleep 0.5; echo done"})
+    wait_for_file(job.control_dir(), "pgid")
+    pgid = int(control(job, "pgid"))
+    os.killpg(pgid, signal.SIGSTOP)
+    time.sleep(0.3)  # a stop the runner must not take for an end
+    assert job.status().status == S.RUNNING
+    os.killpg(pgid, signal.SIGCONT)
+    assert wait_for_state(job, S.COMPLETED).status == S.COMPLETED
+    assert read(job, "hpc-job.out") == "done\n"
+
+
+def test_a_stopped_job_is_cancelled_at_once(agent_settings):
+    job = Local(agent_settings, 58)
+    submit_job(job, {"script": "sleep 30"})
+    wait_for_file(job.control_dir(), "pgid")
+    os.killpg(int(control(job, "pgid")), signal.SIGSTOP)
+    job.cancel()
+    assert wait_for_state(job, S.CANCELLED).status == S.CANCELLED
