@@ -167,7 +167,11 @@ class BatchScheduler(Scheduler):
         script = self.template_script_path()
         text = self.render_template(getattr(self, self.template_attribute))
         self.prepare_working_directory()
-        os.makedirs(os.path.dirname(script), mode=0o700, exist_ok=True)
+        if not os.path.isdir(os.path.dirname(script)):  # submit() called without _submit()
+            if os.path.dirname(script) == self.own_control_dir():
+                self.new_control_dir()
+            else:
+                os.makedirs(os.path.dirname(script), mode=0o700)
         with open(script, "w") as f:
             f.write(text)
         argv = [*self.submit_program, *self.template_submit_arguments(), script]

@@ -384,3 +384,16 @@ def test_the_plain_seed_slurm_uses_the_seeds_default_template(tmp_path):
     assert submit_job(fake(settings, 4, None), "anything") == "78"
     assert fake.calls[0][2] == "--job-name=hpc-4"
     assert "#SBATCH --time=00:01:00\n" in Path(fake.calls[0][-1]).read_text()
+
+
+def test_a_class_with_its_own_submit_entry_point_still_submits(portal_slurm):
+    """The seed told sites to override _submit for work before or after submission."""
+    settings, fake = portal_slurm
+
+    class OwnEntry(fake):
+        def _submit(self, job_parameters):
+            os.makedirs(self.get_working_directory(), exist_ok=True)
+            return self.submit(job_parameters)
+
+    assert submit_job(OwnEntry(settings, 6, None), "{}") == "77"
+    assert os.path.isfile(f"{settings.HPC_CONTROL_DIRECTORY}/6/6.sh")
