@@ -75,6 +75,7 @@ class SeedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def __init__(self):
         self.base_dir = None
+        self.added_path = None  # the entry install() put on sys.path
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname in MODULES:
@@ -117,9 +118,12 @@ def install(base_dir):
         for name in [n for n in sys.modules if n == "settings" or n.startswith("settings.")]:
             if _finder.base_dir and _is_under(sys.modules[name], _finder.base_dir):
                 del sys.modules[name]
-        _finder.base_dir = base_dir
+        if _finder.added_path in sys.path:
+            sys.path.remove(_finder.added_path)
+        _finder.base_dir, _finder.added_path = base_dir, None
     if base_dir not in sys.path:
         sys.path.append(base_dir)
+        _finder.added_path = base_dir
 
 
 def _is_under(module, directory):

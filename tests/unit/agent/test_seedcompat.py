@@ -397,3 +397,11 @@ def test_a_class_with_its_own_submit_entry_point_still_submits(portal_slurm):
 
     assert submit_job(OwnEntry(settings, 6, None), "{}") == "77"
     assert os.path.isfile(f"{settings.HPC_CONTROL_DIRECTORY}/6/6.sh")
+
+
+def test_another_agent_directory_replaces_the_first_on_the_import_path(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for path in (first, second):
+        path.mkdir()
+        agent(path).scheduler_class()
+    assert str(second) in sys.path and str(first) not in sys.path
