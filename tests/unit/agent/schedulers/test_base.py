@@ -75,3 +75,13 @@ def test_a_symlink_where_the_working_directory_goes_is_replaced(settings, tmp_pa
     path = job.prepare_working_directory(empty=True)
     assert not os.path.islink(path) and os.listdir(path) == []
     assert (elsewhere / "precious").exists()
+
+
+def test_the_scripted_fake_takes_what_the_real_run_takes():
+    import inspect
+
+    from hpc_agent.schedulers.batch import BatchScheduler
+    from scheduler_fakes import scripted
+
+    assert inspect.signature(scripted(BatchScheduler).run) == inspect.signature(
+        BatchScheduler.run)
