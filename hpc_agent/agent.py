@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from hpc_agent import __version__, wire
 from hpc_agent.jobfiles import FILE_THREADS, FileRequests
 from hpc_agent.poller import Poller
-from hpc_agent.schedulers.base import InvalidParameters, SchedulerError
+from hpc_agent.schedulers.base import InvalidParameters, SchedulerError, submit_job
 from hpc_agent.state import is_final
 from hpc_agent.status import TERMINAL, JobStatus
 from hpc_agent.wire import RequestFailed
@@ -245,7 +245,7 @@ class AgentCore:
     @defer.inlineCallbacks
     def _submit(self, job_id, parameters):
         try:
-            scheduler_id = yield self.in_thread(self.scheduler(job_id).submit, parameters)
+            scheduler_id = yield self.in_thread(submit_job, self.scheduler(job_id), parameters)
         except InvalidParameters as e:
             self._record(job_id, JobStatus.ERROR, f"refused at submission: {e}")
         except SchedulerError as e:

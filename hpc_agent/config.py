@@ -5,7 +5,6 @@ upper-case names override the defaults below.  ``python -m hpc_agent init
 DIR`` writes a commented one.
 """
 
-import importlib
 import os
 import re
 import runpy
@@ -17,10 +16,20 @@ DEFAULTS = {
     # wss://host:port, no path).  None: use the address hpcd gives at launch.
     "HPC_WEBSOCKET_SERVER": None,
     # Dotted path of the scheduler class (a subclass of
-    # hpc_agent.schedulers.base.Scheduler).
+    # hpc_agent.schedulers.base.Scheduler).  The seed's names work too:
+    # "scheduler.slurm.Slurm", or "settings.mysite.MySlurm" for a file in a
+    # settings/ directory here (see hpc_agent/seedcompat.py).
     "HPC_SCHEDULER_CLASS": "hpc_agent.schedulers.local.Local",
     # Jobs run in HPC_JOB_WORKING_DIRECTORY/<job id>/.
     "HPC_JOB_WORKING_DIRECTORY": "/tmp/jobs",
+    # The mode of each job's working directory: 0o700, only the agent's user.
+    # A site sharing job output with the user's group sets 0o750 (read) or
+    # 0o770 (read and write); never writable by others.
+    "HPC_JOB_DIRECTORY_MODE": 0o700,
+    # The agent's own files for each job (scripts, the local runner's
+    # records) go in HPC_CONTROL_DIRECTORY/<job id>/, outside the job's
+    # working directory, so they are never listed or fetched as job output.
+    "HPC_CONTROL_DIRECTORY": "control",
     # Roots outside a job's directory that files may be listed and fetched
     # from when no job is named (HpcCluster.fetch_remote_file with ui_id=None).
     # Empty: only inside HPC_JOB_WORKING_DIRECTORY.
@@ -72,12 +81,18 @@ class AgentSettings:
             if name.isupper():
                 setattr(self, name, value)
         # Relative paths are taken from the agent directory, once, here.
-        for name in ("HPC_LOG_DIRECTORY", "HPC_JOB_WORKING_DIRECTORY", "HPC_STATE_FILE"):
+        for name in ("HPC_LOG_DIRECTORY", "HPC_JOB_WORKING_DIRECTORY", "HPC_STATE_FILE",
+                     "HPC_CONTROL_DIRECTORY"):
             setattr(self, name, self.path(getattr(self, name)))
         self.HPC_ALLOWED_FILE_ROOTS = [self.path(p) for p in self.HPC_ALLOWED_FILE_ROOTS]
         if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", str(self.HPC_JOB_TAG_PREFIX)):
             raise ValueError(f"HPC_JOB_TAG_PREFIX must be 1-32 letters, digits or _, "
                              f"not {self.HPC_JOB_TAG_PREFIX!r}")
+        mode = self.HPC_JOB_DIRECTORY_MODE
+        if (not isinstance(mode, int) or isinstance(mode, bool) or mode & ~0o777
+                or mode & 0o700 != 0o700 or mode & 0o002):
+            raise ValueError(f"HPC_JOB_DIRECTORY_MODE must be a mode like 0o700 or 0o750 that "
+                             f"gives the agent's user rwx and others no write, not {mode!r}")
 
     @classmethod
     def load(cls, base_dir):
@@ -91,8 +106,14 @@ class AgentSettings:
         return os.path.join(self.BASE_DIR, os.path.expanduser(value))
 
     def scheduler_class(self):
-        module_name, _, class_name = self.HPC_SCHEDULER_CLASS.rpartition(".")
-        return getattr(importlib.import_module(module_name), class_name)
+        """The class HPC_SCHEDULER_CLASS names, imported.
+
+        The seed's module names (``scheduler.slurm``, ``settings.<file>``)
+        resolve from here on in this process: see :mod:`hpc_agent.seedcompat`.
+        """
+        from hpc_agent import seedcompat
+
+        return seedcompat.load_scheduler_class(self.HPC_SCHEDULER_CLASS, self.BASE_DIR)
 
 
 TEMPLATE = '''\
@@ -112,12 +133,22 @@ HPC_WEBSOCKET_SERVER = None
 
 # The scheduler class: hpc_agent.schedulers.local.Local (processes on this
 # host), .slurm.Slurm, .sge.SGE, .pbs.PBS (PBS Pro) or .pbs.Torque, or a subclass of your own
-# (put it next to this file and name it here).
+# (put it next to this file and name it here).  A scheduler file written for
+# django_hpc_job_controller works as it is: put it (and its templates) in a
+# settings/ directory here and name it "settings.<file>.<class>".
 HPC_SCHEDULER_CLASS = "hpc_agent.schedulers.local.Local"
 
 # Each job runs in HPC_JOB_WORKING_DIRECTORY/<job id>/.  On a cluster this
 # must be on a file system the compute nodes share.
 HPC_JOB_WORKING_DIRECTORY = "jobs"
+
+# Job directories are private to this account (0o700).  To share job output
+# with the account's group: 0o750 (read) or 0o770 (read and write).
+# HPC_JOB_DIRECTORY_MODE = 0o700
+
+# The agent's own files for each job (scripts, runner records), kept out of
+# the job's directory.
+# HPC_CONTROL_DIRECTORY = "control"
 
 # Extra roots that files may be fetched from when no job is named.
 # HPC_ALLOWED_FILE_ROOTS = ["/scratch/shared-results"]

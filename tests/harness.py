@@ -149,14 +149,27 @@ def kill_agent(path):
     pid = agent_pid(path)
     if pid:
         os.kill(pid, signal.SIGKILL)
-    for runner_file in glob.glob(os.path.join(path, "jobs", "*", ".hpc", "runner.json")):
+    # Runner records: in the control directory, or in the job's directory
+    # (agents before the control directory, whose runners kept the pgid there).
+    for runner_file in (glob.glob(os.path.join(path, "control", "*", "runner.json"))
+                        + glob.glob(os.path.join(path, "jobs", "*", ".hpc", "runner.json"))):
         try:
             with open(runner_file) as f:
                 info = json.load(f)
-            os.killpg(info["pgid"], signal.SIGKILL)
-            os.kill(info["pid"], signal.SIGKILL)
-        except (OSError, ValueError, KeyError):
+            pgid = info.get("pgid")
+        except (OSError, ValueError, AttributeError):
+            continue
+        try:
+            with open(os.path.join(os.path.dirname(runner_file), "pgid")) as f:
+                pgid = pgid or int(f.read())
+        except (OSError, ValueError):
             pass
+        for kill, target in ((os.killpg, pgid), (os.kill, info.get("pid"))):
+            try:
+                if isinstance(target, int) and target > 1:
+                    kill(target, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def websocket_port(daemon):

@@ -18,10 +18,12 @@ def scripted(base, key=lambda argv: argv[0]):
     class Scripted(base):
         answers = {}
         calls = []
+        cwds = []  # the working directory of each call (None: the agent's)
 
         @classmethod
-        def run(cls, argv, timeout=None):
+        def run(cls, argv, timeout=None, cwd=None):
             cls.calls.append(list(argv))
+            cls.cwds.append(cwd)
             answer = cls.answers[key(argv)]
             if callable(answer):
                 answer = answer(argv)

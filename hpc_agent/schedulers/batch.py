@@ -1,9 +1,9 @@
 """What the batch schedulers (Slurm, SGE, PBS) share.
 
 :class:`BatchScheduler` holds it: the one place a scheduler command is run,
-the job script and its hooks for sites, the job's tag, arrays (in Slurm's
-syntax, which the job parameters use), and the rule that folds an array's
-elements into one state.
+the job script and its hooks for sites, the job's tag, the seed's template
+submission, arrays (in Slurm's syntax, which the job parameters use), and
+the rule that folds an array's elements into one state.
 """
 
 import collections
@@ -14,10 +14,9 @@ import subprocess
 import time
 
 from hpc_agent.schedulers.base import (
-    InvalidParameters, JobSpec, JobState, Scheduler, SchedulerError)
+    _NAME_RE, InvalidParameters, JobSpec, JobState, Scheduler, SchedulerError)
 from hpc_agent.status import JobStatus
 
-CONTROL_DIR = ".hpc"
 #: More array elements than this are refused rather than expanded in memory.
 MAX_ARRAY_INDICES = 100_000
 
@@ -38,6 +37,12 @@ class BatchScheduler(Scheduler):
 
             def submit_arguments(self, spec):
                 return super().submit_arguments(spec) + ["--qos=long"]
+
+    A class whose template attribute (``template_attribute``: Slurm's is
+    ``slurm_template``) is set is a seed-style class instead: its ``submit``
+    renders the template into the job script and submits that from the
+    job's working directory, as the seed did, with nothing on the command
+    line but the job's tag (which wins over the script's own job name).
     """
 
     #: Seconds a scheduler command may take before it counts as failed.
@@ -54,15 +59,20 @@ class BatchScheduler(Scheduler):
     transient_errors = re.compile(r"$^")
     #: Base name of the job's stdout/stderr files in its working directory.
     output_name = "hpc-job"
+    #: The attribute that holds a seed-style class's template (a file path,
+    #: relative to the agent directory); None: no seed counterpart.
+    template_attribute = None
 
     # -- commands -------------------------------------------------------------
 
     @classmethod
-    def run(cls, argv, timeout=None):
+    def run(cls, argv, timeout=None, cwd=None):
         """Run one scheduler command; return its :class:`subprocess.CompletedProcess`.
 
         Every process a scheduler class starts goes through here, so tests
         replace this one method to script answers or to count processes.
+        ``cwd`` is given only for a seed-style submission (from the job's
+        working directory).
         """
         timeout = cls.command_timeout if timeout is None else timeout
         env = {k: v for k, v in os.environ.items()
@@ -70,7 +80,7 @@ class BatchScheduler(Scheduler):
         try:
             return subprocess.run(
                 argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                errors="replace", timeout=timeout, env=env)
+                errors="replace", timeout=timeout, env=env, cwd=cwd)
         except subprocess.TimeoutExpired:
             raise SchedulerError(f"{argv[0]} did not answer within {timeout:g} s") from None
         except OSError as e:
@@ -86,16 +96,24 @@ class BatchScheduler(Scheduler):
 
     # -- submission -----------------------------------------------------------
 
-    def control_dir(self):
-        """``<working directory>/.hpc``: the script and the agent's notes."""
-        return os.path.join(self.get_working_directory(), CONTROL_DIR)
+    @property
+    def seed_style(self):
+        return (self.template_attribute is not None
+                and getattr(self, self.template_attribute, None) is not None)
 
     def script_path(self):
-        return os.path.join(self.control_dir(), "job.sh")
+        return os.path.join(self.own_control_dir(), "job.sh")
 
-    def job_name(self, spec):
+    def scheduler_job_name(self, spec):
         """The tag, then the user's ``name``: ``hpc-12`` or ``hpc-12.render``."""
-        return f"{self.tag}.{spec.name}" if spec.name else self.tag
+        return self.tagged(spec.name)
+
+    def tagged(self, name):
+        """``<tag>.<name>``, or the tag alone when ``name`` is empty or not a
+        plain name (1-64 letters, digits and _.+-)."""
+        if name and name != self.tag and _NAME_RE.fullmatch(str(name)):
+            return f"{self.tag}.{name}"
+        return self.tag
 
     def build_script(self, spec):
         """The job script's text (a hook for sites).
@@ -122,17 +140,55 @@ class BatchScheduler(Scheduler):
         """The job id from the submit command's output."""
         raise NotImplementedError
 
-    def submit(self, parameters):
-        spec = JobSpec.from_parameters(parameters)
+    def _submit(self, job_parameters):
+        if self.seed_style:
+            self.prepare_working_directory(empty=True)
+            self.new_control_dir()
+        return self.submit(job_parameters)
+
+    def submit(self, job_parameters):
+        if self.seed_style:
+            return self.submit_template()
+        spec = JobSpec.from_parameters(job_parameters)
         # Options first: a refused job leaves nothing behind on disk.
         argv = [*self.submit_program, *self.submit_arguments(spec), self.script_path()]
-        os.makedirs(self.control_dir(), exist_ok=True)
+        self.prepare_working_directory()
+        self.new_control_dir()
         with open(self.script_path(), "w") as f:
             f.write(self.build_script(spec))
         if spec.array:
             with open(self.array_path(), "w") as f:
                 f.write(spec.array)
-        result = self.run(argv)
+        return self.submit_script(argv)
+
+    def submit_template(self):
+        """The seed's submit: the template, rendered, submitted from the job's
+        working directory; returns the id."""
+        script = self.template_script_path()
+        text = self.render_template(getattr(self, self.template_attribute))
+        self.prepare_working_directory()
+        if not os.path.isdir(os.path.dirname(script)):  # submit() called without _submit()
+            if os.path.dirname(script) == self.own_control_dir():
+                self.new_control_dir()
+            else:
+                os.makedirs(os.path.dirname(script), mode=0o700)
+        with open(script, "w") as f:
+            f.write(text)
+        argv = [*self.submit_program, *self.template_submit_arguments(), script]
+        return self.submit_script(argv, cwd=self.get_working_directory())
+
+    def template_script_path(self):
+        """Where a seed-style class's rendered template is written."""
+        return os.path.join(self.own_control_dir(), f"{self.ui_id}.sh")
+
+    def template_submit_arguments(self):
+        """A seed-style submission's options: only what the agent needs."""
+        raise NotImplementedError
+
+    def submit_script(self, argv, cwd=None):
+        """Run the submit command ``argv``; the job id, or an exception that
+        says whether to retry."""
+        result = self.run(argv) if cwd is None else self.run(argv, cwd=cwd)
         if result.returncode != 0:
             message = error_text(result)
             if self.transient_errors.search(message):
@@ -158,7 +214,8 @@ class BatchScheduler(Scheduler):
     # -- state ----------------------------------------------------------------
 
     def status(self):
-        state = self.status_many(self.settings, [(self.ui_id, self.job_id)]).get(self.ui_id)
+        # batch_status, not status_many: a subclass's status() may call this.
+        state = self.batch_status(self.settings, [(self.ui_id, self.job_id)]).get(self.ui_id)
         if state is None:
             raise SchedulerError(
                 f"job {self.job_id} ({self.tag}) is neither queued nor in accounting yet")
@@ -167,7 +224,7 @@ class BatchScheduler(Scheduler):
     @classmethod
     def tags(cls, settings, ui_ids):
         """``{tag: ui_id}`` for these jobs."""
-        return {cls(settings, ui_id).tag: ui_id for ui_id in ui_ids}
+        return {cls(settings, ui_id, None).tag: ui_id for ui_id in ui_ids}
 
     def cancel_marker(self):
         """A file cancel() leaves, for schedulers that forget jobs deleted

@@ -44,7 +44,7 @@ _ENDED = {"F", "X", "C"}
 #: Errors of qstat about one of the ids it was given, not about the server.
 _UNKNOWN_JOB = re.compile(r"Unknown Job Id|has finished|Job has been deleted", re.IGNORECASE)
 #: ``1234[5].server`` -> ("1234", "5"); ``1234[].server`` -> ("1234", "").
-_SUBJOB = re.compile(r"^(\d+)\[(\d*)\](.*)$")
+_SUBJOB = re.compile(r"(\d+)\[(\d*)\](.*)")
 
 
 def parse_text(output):
@@ -99,7 +99,7 @@ class PBS(BatchScheduler):
                 f"the job directory {directory!r} holds ':', which PBS reads as host:path")
         # PBS starts jobs in $HOME and has no working-directory option on
         # PBS Pro: the script cds, and the output paths are absolute.
-        args = ["-N", self.job_name(spec), "-S", "/bin/bash",
+        args = ["-N", self.scheduler_job_name(spec), "-S", "/bin/bash",
                 "-o", os.path.join(directory, f"{self.output_name}{suffix}.out"),
                 "-e", os.path.join(directory, f"{self.output_name}{suffix}.err")]
         args += self.resource_arguments(spec)
@@ -211,18 +211,18 @@ class PBS(BatchScheduler):
     # -- batch calls ----------------------------------------------------------
 
     @classmethod
-    def status_many(cls, settings, jobs):
+    def batch_status(cls, settings, jobs):
         jobs = [(ui_id, str(job_id)) for ui_id, job_id in jobs if job_id]
         known = cls.qstat([job_id for _, job_id in jobs])
         subjobs = {}
         for job_id, attributes in known.items():
-            match = _SUBJOB.match(job_id)
+            match = _SUBJOB.fullmatch(job_id)
             if match and match[2]:
                 subjobs.setdefault((match[1], match[3]), []).append((int(match[2]), attributes))
         answer = {}
         for ui_id, job_id in jobs:
             job = cls(settings, ui_id, job_id)
-            match = _SUBJOB.match(job_id)
+            match = _SUBJOB.fullmatch(job_id)
             elements = [(index, job.state_of(attributes))
                         for index, attributes in subjobs.get((match[1], match[3]), [])
                         ] if match else []
@@ -244,7 +244,7 @@ class PBS(BatchScheduler):
         found = {}
         for job_id, attributes in cls.qstat(ids).items():
             ui_id = tags.get(tag_of(str(attributes.get("job_name", ""))))
-            match = _SUBJOB.match(job_id)
+            match = _SUBJOB.fullmatch(job_id)
             if ui_id is not None and not (match and match[2]):
                 found[ui_id] = job_id
         return found

@@ -117,7 +117,7 @@ class SGE(BatchScheduler):
                 "places a job's slots: request 'tasks' instead")
         slots = (spec.tasks or 1) * (spec.cpus_per_task or 1)
         suffix = "-$TASK_ID" if spec.array else ""
-        args = ["-N", self.job_name(spec), "-wd", self.get_working_directory(),
+        args = ["-N", self.scheduler_job_name(spec), "-wd", self.get_working_directory(),
                 # Relative to -wd; $TASK_ID is Grid Engine's, not a shell's.
                 "-o", f"{self.output_name}{suffix}.out", "-e", f"{self.output_name}{suffix}.err",
                 # Otherwise the queue's shell (often csh) runs the script.
@@ -182,7 +182,7 @@ class SGE(BatchScheduler):
     # -- batch calls ----------------------------------------------------------
 
     @classmethod
-    def status_many(cls, settings, jobs):
+    def batch_status(cls, settings, jobs):
         live = cls.qstat()
         answer = {}
         for ui_id, job_id in jobs:

@@ -47,7 +47,7 @@ _SLURM_STATES = {
 _QUIET_REASONS = {"None", "Priority", "Resources", "NonZeroExitCode", ""}
 
 #: "123", "123_4", "123_[5-9%2]"; steps ("123.batch") do not match.
-_SACCT_ID = re.compile(r"^(\d+)(?:_(\d+|\[[^\]]*\]))?(?:\+\d+)?$")
+_SACCT_ID = re.compile(r"(\d+)(?:_(\d+|\[[^\]]*\]))?(?:\+\d+)?")
 
 
 def slurm_state(state, exit_code=(0, 0), reason="", start=""):
@@ -97,11 +97,56 @@ class Slurm(BatchScheduler):
     _SQUEUE_FIELDS = ("ArrayJobID", "ArrayTaskID", "State", "exit_code", "Reason",
                       "StartTime", "Name")
 
+    # -- the seed's template machinery ------------------------------------------
+    # A class with a slurm_template is seed-style (see BatchScheduler): these
+    # attributes reach its template through generate_template_dict().
+
+    template_attribute = "slurm_template"
+    #: The job script template, a file path relative to the agent directory.
+    slurm_template = None
+    #: Nodes, tasks per node, memory (MB; the seed's template asks it per
+    #: CPU), walltime in seconds, and a job name (by default the job's tag).
+    nodes = 1
+    tasks_per_node = 1
+    memory = 100
+    walltime = 60
+    job_name = None
+
+    def __init__(self, settings, ui_id, job_id=None):
+        super().__init__(settings, ui_id, job_id)
+        if self.job_name is None:
+            self.job_name = self.tag
+
+    def generate_template_dict(self):
+        """The values a seed-style template is rendered with: the seed's keys.
+
+        ``wt_hours:wt_minutes:wt_seconds`` is the walltime (the seed gave the
+        total minutes as ``wt_minutes``, which made its own template's
+        ``--time`` longer than asked above an hour).
+        """
+        walltime = int(self.walltime)
+        return {"nodes": self.nodes, "tasks_per_node": self.tasks_per_node,
+                "mem": self.memory, "wt_hours": walltime // 3600,
+                "wt_minutes": walltime // 60 % 60, "wt_seconds": walltime % 60,
+                "job_name": self.job_name, "ui_job_id": self.ui_id}
+
+    def get_slurm_script_file_path(self):
+        """Where the rendered template is written: the job's control directory."""
+        return os.path.join(self.own_control_dir(), f"{self.ui_id}.sh")
+
+    def template_script_path(self):
+        return self.get_slurm_script_file_path()
+
+    def template_submit_arguments(self):
+        # On the command line, so it wins over the template's --job-name: the
+        # tag is how the agent finds the job again after a crash.
+        return [f"--job-name={self.tagged(self.job_name)}"]
+
     # -- submission -----------------------------------------------------------
 
     def submit_arguments(self, spec):
         suffix = "-%a" if spec.array else ""
-        args = [f"--job-name={self.job_name(spec)}",
+        args = [f"--job-name={self.scheduler_job_name(spec)}",
                 f"--chdir={self.get_working_directory()}",
                 # Relative to --chdir, so no '%' in the directory is expanded.
                 f"--output={self.output_name}{suffix}.out",
@@ -182,7 +227,7 @@ class Slurm(BatchScheduler):
         job_of_tag = {tag: job_id for job_id, tag in jobs.items()}
         found = collections.defaultdict(list)
         for row_id, state, exit_code, start, name in rows:
-            match = _SACCT_ID.match(row_id)
+            match = _SACCT_ID.fullmatch(row_id)
             if not match:
                 continue
             code, _, signal = exit_code.partition(":")
@@ -207,7 +252,7 @@ class Slurm(BatchScheduler):
     # -- batch calls ----------------------------------------------------------
 
     @classmethod
-    def status_many(cls, settings, jobs):
+    def batch_status(cls, settings, jobs):
         wanted = {str(job_id): ui_id for ui_id, job_id in jobs if job_id}
         live = cls.squeue()
         answer, missing = {}, {}
@@ -220,12 +265,12 @@ class Slurm(BatchScheduler):
             else:
                 # Gone from squeue, or an array whose early elements may have
                 # left it already: accounting knows every element.
-                missing[job_id] = cls(settings, ui_id).tag
+                missing[job_id] = cls(settings, ui_id, None).tag
         if missing:
             ended = cls.ended(missing)
             for job_id in missing:
                 elements = merge(live.get(job_id, ("", []))[1], ended.get(job_id, []))
-                expected = cls(settings, wanted[job_id]).expected_indices()
+                expected = cls(settings, wanted[job_id], None).expected_indices()
                 if expected is not None and not _complete(elements, expected):
                     continue  # accounting has not heard of every element yet
                 state = decide(elements)
@@ -246,7 +291,7 @@ class Slurm(BatchScheduler):
         rows, from_jobcomp = cls.sacct([f"--starttime=now-{cls.find_lookback_days}days"])
         in_accounting = collections.defaultdict(set)
         for row_id, *_, name in rows:
-            match = _SACCT_ID.match(row_id)
+            match = _SACCT_ID.fullmatch(row_id)
             if match and tag_of(name) in tags:
                 in_accounting[tags[tag_of(name)]].add(int(match[1]))
         for ui_id, job_ids in in_accounting.items():

@@ -33,29 +33,31 @@ DATA = REPO / "tests" / "data" / "schedulers"
 USER = "hpcuser"
 
 DRIVER = r'''
-import importlib, json, sys
+import json, sys
 from hpc_agent.config import AgentSettings
+from hpc_agent.schedulers.base import job_state, submit_job
 request = json.load(sys.stdin)
-module, _, name = request["class"].rpartition(".")
-base = getattr(importlib.import_module(module), name)
+settings = AgentSettings(request["directory"],
+                         {"HPC_JOB_WORKING_DIRECTORY": request["directory"] + "/jobs",
+                          "HPC_SCHEDULER_CLASS": request["class"]})
+base = settings.scheduler_class()  # the seed's names resolve from here on
 spawned = []
 
 class Counted(base):
     @classmethod
-    def run(cls, argv, timeout=None):
-        result = super().run(argv, timeout)
-        spawned.append({"argv": list(argv), "stdout": result.stdout})
+    def run(cls, argv, timeout=None, cwd=None):
+        result = super().run(argv, timeout, cwd)
+        spawned.append({"argv": list(argv), "stdout": result.stdout, "cwd": cwd})
         return result
 
 for key, value in request.get("attributes", {}).items():
     setattr(Counted, key, value)
 if request.get("hide_live_view"):  # as if the jobs had left squeue/qstat long ago
     setattr(Counted, request["hide_live_view"], classmethod(lambda cls: {}))
-settings = AgentSettings(request["directory"],
-                         {"HPC_JOB_WORKING_DIRECTORY": request["directory"] + "/jobs"})
 
 def state(s):
-    return {"status": s.status.name, "detail": s.detail, "started": s.started}
+    s = job_state(s)
+    return s and {"status": s.status.name, "detail": s.detail, "started": s.started}
 
 results = []
 for op, *args in request["ops"]:
@@ -63,6 +65,10 @@ for op, *args in request["ops"]:
     try:
         if op == "submit":
             value = Counted(settings, args[0]).submit(args[1])
+        elif op == "_submit":  # the agent's entry point
+            value = submit_job(Counted(settings, args[0], None), args[1])
+        elif op == "status":
+            value = state(Counted(settings, args[0], args[1]).status())
         elif op == "cancel":
             value = Counted(settings, args[0], args[1]).cancel()
         elif op == "status_many":
@@ -120,13 +126,20 @@ class AsUser:
         return result["value"], result["spawned"]
 
 
-def as_user(class_path, extra_environment):
+def as_user(class_path, extra_environment, portal=None):
+    """``portal``: install the seed-style portal's scheduler files (tests/seedportal)
+    in the directory, which is then the agent directory they expect."""
     try:
         pwd.getpwnam(USER)
     except KeyError:
         pytest.skip(f"no user {USER}: run scripts/services.sh")
     directory = tempfile.mkdtemp(prefix="hpc-sched-", dir="/tmp")
-    shutil.chown(directory, USER)
+    if portal:
+        from seedportal.cluster import install
+
+        class_path = install(directory, portal)
+    for path in [directory, *(str(p) for p in Path(directory).rglob("*"))]:
+        shutil.chown(path, USER)
     environment = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": directory,
                    "PYTHONDONTWRITEBYTECODE": "1", **extra_environment}
     return AsUser(class_path, environment, directory)
@@ -139,6 +152,17 @@ def slurm():
         pytest.skip(f"no test Slurm: set HPC_TEST_SLURM=1 or run scripts/services.sh ({ENV_FILE})")
     runner = as_user("hpc_agent.schedulers.slurm.Slurm", {})
     runner.accounting = env.get("HPC_TEST_SLURM_ACCOUNTING", "jobcomp")
+    yield runner
+    shutil.rmtree(runner.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def seed_slurm():
+    """The seed-style portal's Slurm class (tests/seedportal/cluster), as hpcuser."""
+    env = services_environment()
+    if env.get("HPC_TEST_SLURM") != "1":
+        pytest.skip(f"no test Slurm: set HPC_TEST_SLURM=1 or run scripts/services.sh ({ENV_FILE})")
+    runner = as_user(None, {}, portal="slurm")
     yield runner
     shutil.rmtree(runner.directory, ignore_errors=True)
 

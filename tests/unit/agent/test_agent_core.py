@@ -42,8 +42,8 @@ class FakeScheduler(Scheduler):
     cancel_error = None
     clock = None
 
-    def submit(self, parameters):
-        FakeScheduler.calls.append(("submit", self.ui_id, parameters))
+    def submit(self, job_parameters):
+        FakeScheduler.calls.append(("submit", self.ui_id, job_parameters))
         if FakeScheduler.on_submit is not None:
             FakeScheduler.on_submit(self.ui_id)
         results = FakeScheduler.submit_results.get(self.ui_id)

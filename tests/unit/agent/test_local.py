@@ -4,14 +4,18 @@
 import json
 import os
 import signal
+import stat
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from harness import kill_agent
 from hpc_agent import runner
 from hpc_agent.config import AgentSettings
-from hpc_agent.schedulers.base import InvalidParameters
+from hpc_agent.schedulers.base import InvalidParameters, JobState, submit_job
 from hpc_agent.schedulers.local import Local
 from hpc_agent.status import JobStatus as S
 
@@ -21,14 +25,7 @@ def agent_settings(tmp_path):
     s = AgentSettings(str(tmp_path), {"HPC_JOB_WORKING_DIRECTORY": str(tmp_path / "jobs")})
     yield s
     # Leave no job behind, whatever the test did.
-    jobs = tmp_path / "jobs"
-    for info_path in jobs.glob("*/.hpc/runner.json") if jobs.exists() else []:
-        info = json.loads(info_path.read_text())
-        for kill, target in ((os.killpg, info["pgid"]), (os.kill, info["pid"])):
-            try:
-                kill(target, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    kill_agent(str(tmp_path))
 
 
 def wait_for_state(job, wanted, timeout=3.0):
@@ -54,6 +51,19 @@ def alive(pid):
 def read(job, name):
     with open(os.path.join(job.get_working_directory(), name)) as f:
         return f.read()
+
+
+def control(job, name):
+    """A file of the agent's for the job (outside its working directory)."""
+    with open(os.path.join(job.control_dir(), name)) as f:
+        return f.read()
+
+
+def wait_for_file(directory, name, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(os.path.join(directory, name)):
+        assert time.monotonic() < deadline, f"{name} never appeared in {directory}"
+        time.sleep(0.02)
 
 
 def test_a_job_runs_and_completes_with_its_start_time(agent_settings):
@@ -220,7 +230,8 @@ def test_a_runner_killed_with_sigkill_leaves_the_job_in_error_vanished(agent_set
 def test_cancel_after_the_runner_vanished_kills_what_is_left_of_the_job(agent_settings):
     job = Local(agent_settings, 22)
     pid = int(job.submit({"script": "sleep 30"}))
-    pgid = json.loads(read(job, ".hpc/runner.json"))["pgid"]
+    wait_for_file(job.control_dir(), "pgid")
+    pgid = int(control(job, "pgid"))
     os.kill(pid, signal.SIGKILL)
     wait_for_state(job, S.ERROR)
     assert alive(pgid)
@@ -243,3 +254,323 @@ def test_process_start_time_identifies_a_live_process():
     assert runner.process_start_time(os.getpid()) == runner.process_start_time(os.getpid())
     assert runner.process_start_time(os.getpid()) > 0
     assert runner.process_start_time(2 ** 22 + 1) is None
+
+
+# -- where the agent's files are -----------------------------------------------------
+
+def test_the_agents_files_stay_out_of_the_jobs_working_directory(agent_settings):
+    job = Local(agent_settings, 30)
+    submit_job(job, {"script": "echo out; echo err >&2"})
+    assert wait_for_state(job, S.COMPLETED).status == S.COMPLETED
+    assert sorted(os.listdir(job.get_working_directory())) == ["hpc-job.err", "hpc-job.out"]
+    assert job.control_dir() == os.path.join(agent_settings.BASE_DIR, "control", "30")
+    assert {"job.sh", "runner.json", "pgid", "result.json"} <= set(os.listdir(job.control_dir()))
+
+
+def test_delete_data_removes_the_working_directory_and_the_agents_files(agent_settings):
+    job = Local(agent_settings, 31)
+    submit_job(job, {"script": "true"})
+    wait_for_state(job, S.COMPLETED)
+    job.delete_data()
+    assert not os.path.exists(job.get_working_directory())
+    assert not os.path.exists(job.control_dir())
+
+
+def start_stand_in(tmp_path, job, legacy_record):
+    """A job as an agent before the control directory left it: its records in
+    <working directory>/.hpc, its "runner" a process in a session of its own."""
+    process = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    legacy = Path(job.get_working_directory(), ".hpc")
+    legacy.mkdir(parents=True)
+    (legacy / "runner.json").write_text(json.dumps(legacy_record(process)))
+    return process, legacy
+
+
+def test_a_job_started_with_the_old_layout_is_tracked_across_an_upgrade(agent_settings,
+                                                                        tmp_path):
+    job = Local(agent_settings, 32)
+    process, legacy = start_stand_in(tmp_path, job, lambda p: {
+        "pid": p.pid, "start": runner.process_start_time(p.pid), "pgid": p.pid + 1,
+        "started": 1.0})
+    assert job.control_dir() == str(legacy)
+    assert job.status().status == S.RUNNING
+    assert Local.find_submitted(agent_settings, [32]) == {32: str(process.pid)}
+    job.cancel()  # SIGTERM to the runner, which stops its job
+    assert process.wait(timeout=5) == -signal.SIGTERM
+    (legacy / "result.json").write_text(json.dumps(
+        {"exit_code": None, "signal": 15, "stopped": "cancelled", "started": 1.0,
+         "finished": 2.0}))
+    assert job.status() == JobState(S.CANCELLED, started=1.0)
+
+
+def test_cancel_of_an_old_layout_job_whose_runner_vanished_stops_its_group(agent_settings,
+                                                                           tmp_path):
+    job = Local(agent_settings, 33)
+    process, _ = start_stand_in(tmp_path, job, lambda p: {
+        "pid": 2 ** 22 + 1, "start": 1, "pgid": p.pid, "started": 1.0})
+    assert job.status().detail == "the job's runner process vanished (killed?)"
+    job.cancel()
+    assert process.wait(timeout=5) == -signal.SIGKILL
+
+
+# -- one bad record fails only its own job ----------------------------------------------
+
+@pytest.mark.parametrize("content, reason", [
+    ('{"exit_code": null, "signal": 999, "stopped": null, "started": 1.0}',
+     "signal 999 is not a signal"),
+    ("garbage", "not JSON"),
+    ('["exit_code", 0]', "not a JSON object"),
+    ('{"exit_code": null, "signal": null, "stopped": null, "started": 1.0}',
+     "neither an exit code nor a signal"),
+    ('{"exit_code": "0", "signal": null, "stopped": null, "started": 1.0}', "exit_code is '0'"),
+    ('{"exit_code": 0, "signal": null, "stopped": "eaten", "started": 1.0}',
+     "stopped is 'eaten'"),
+    ('{"exit_code": 0, "signal": null, "stopped": null, "started": "today"}',
+     "started is 'today'"),
+])
+def test_an_invalid_result_record_fails_only_its_own_job(agent_settings, content, reason):
+    good, bad = Local(agent_settings, 40), Local(agent_settings, 41)
+    ids = submit_job(good, {"script": "true"}), submit_job(bad, {"script": "true"})
+    wait_for_state(good, S.COMPLETED)
+    wait_for_state(bad, S.COMPLETED)
+    Path(bad.control_dir(), "result.json").write_text(content)
+    states = Local.status_many(agent_settings, [(40, ids[0]), (41, ids[1])])
+    assert states[40].status == S.COMPLETED
+    assert states[41].status == S.ERROR
+    assert states[41].detail == f"the job runner's result record is invalid ({reason})"
+
+
+@pytest.mark.parametrize("number, detail", [(9, "killed by signal 9 (SIGKILL)"),
+                                            (40, "killed by signal 40")])
+def test_a_signal_without_a_name_is_still_reported(agent_settings, number, detail):
+    job = Local(agent_settings, 42)
+    submit_job(job, {"script": "true"})
+    wait_for_state(job, S.COMPLETED)
+    Path(job.control_dir(), "result.json").write_text(json.dumps(
+        {"exit_code": None, "signal": number, "stopped": None, "started": 1.0}))
+    assert job.status() == JobState(S.ERROR, detail, 1.0)
+
+
+def test_a_cancel_kills_a_job_whose_result_file_exists_while_it_runs(agent_settings):
+    job = Local(agent_settings, 43)
+    submit_job(job, {"script": "sleep 30"})
+    wait_for_file(job.control_dir(), "pgid")
+    pgid = int(control(job, "pgid"))
+    Path(job.control_dir(), "result.json").write_text(
+        '{"exit_code": 0, "signal": null, "stopped": null, "started": 1.0}')
+    assert job.status().status == S.RUNNING  # the runner runs: its result is not in yet
+    job.cancel()
+    assert wait_for_state(job, S.CANCELLED).status == S.CANCELLED
+    assert not alive(pgid)
+
+
+def test_a_cancel_after_the_runner_died_with_a_garbage_result_kills_the_job(agent_settings):
+    job = Local(agent_settings, 44)
+    pid = int(submit_job(job, {"script": "sleep 30"}))
+    wait_for_file(job.control_dir(), "pgid")
+    pgid = int(control(job, "pgid"))
+    os.kill(pid, signal.SIGKILL)
+    Path(job.control_dir(), "result.json").write_text("garbage")
+    assert wait_for_state(job, S.ERROR).detail.startswith("the job runner's result record")
+    assert alive(pgid)
+    job.cancel()
+    deadline = time.monotonic() + 2
+    while alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(pgid)
+
+
+# -- starting jobs fast, exactly once, and for longer than the agent lives --------------
+
+def test_the_id_is_on_record_when_submit_returns(agent_settings):
+    job = Local(agent_settings, 50)
+    job_id = submit_job(job, {"script": "sleep 1"})
+    assert json.loads(control(job, "runner.json"))["pid"] == int(job_id)
+    assert Local.find_submitted(agent_settings, [50, 51]) == {50: job_id}
+
+
+def runner_without_go(tmp_path, recorded):
+    """A runner whose agent died before saying go (after recording it, or not)."""
+    control_dir, workdir = tmp_path / "bare" / "control", tmp_path / "bare" / "work"
+    control_dir.mkdir(parents=True)
+    workdir.mkdir()
+    if recorded:
+        (control_dir / "runner.json").write_text('{"pid": 1, "start": 1}')
+    process = subprocess.Popen(
+        ["hpc-runner", "--posix", "-c", runner.RUNNER, "hpc-runner", str(control_dir),
+         str(workdir), "0", "0", str(workdir / "out"), str(workdir / "err"), "sleep", "10",
+         "/bin/bash", "-c", "touch ran"], executable="/bin/bash", stdin=subprocess.PIPE)
+    process.stdin.close()
+    assert process.wait(timeout=10) == 0
+    assert os.listdir(workdir) == []  # the job never ran
+    return control_dir
+
+
+def test_a_runner_never_told_to_go_runs_nothing_and_leaves_no_trace(tmp_path):
+    """The agent died before recording the runner: it will submit the job again,
+    so this runner must not run it."""
+    assert os.listdir(runner_without_go(tmp_path, recorded=False)) == []
+
+
+def test_a_recorded_runner_never_told_to_go_says_the_job_never_ran(tmp_path, agent_settings):
+    control_dir = runner_without_go(tmp_path, recorded=True)
+    result = json.loads((control_dir / "result.json").read_text())
+    job = Local(agent_settings, 55)
+    os.makedirs(job.control_dir())
+    Path(job.control_dir(), "result.json").write_text(json.dumps(result))
+    assert job.status() == JobState(
+        S.ERROR, "the job never ran: the agent stopped while starting it; submit it again")
+
+
+def test_the_runner_and_the_job_have_sessions_and_groups_of_their_own(agent_settings):
+    job = Local(agent_settings, 52)
+    pid = int(submit_job(job, {"script": "sleep 30"}))
+    wait_for_file(job.control_dir(), "pgid")
+    pgid = int(control(job, "pgid"))
+    assert os.getsid(pid) == pid != os.getsid(0)
+    assert os.getpgid(pgid) == pgid != pid
+
+
+def test_a_job_outlives_the_process_that_started_it(agent_settings):
+    code = (f"from hpc_agent.config import AgentSettings\n"
+            f"from hpc_agent.schedulers.base import submit_job\n"
+            f"from hpc_agent.schedulers.local import Local\n"
+            f"settings = AgentSettings({agent_settings.BASE_DIR!r}, "
+            f"{{'HPC_JOB_WORKING_DIRECTORY': {agent_settings.HPC_JOB_WORKING_DIRECTORY!r}}})\n"
+            f"print(submit_job(Local(settings, 53), {{'script': 'sleep 0.5; echo survived'}}))\n")
+    started = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
+    job = Local(agent_settings, 53, started.stdout.strip())
+    assert wait_for_state(job, S.COMPLETED).status == S.COMPLETED
+    assert read(job, "hpc-job.out") == "survived\n"
+
+
+def test_the_job_gets_the_agents_environment_and_nothing_of_the_runners(agent_settings,
+                                                                       monkeypatch, tmp_path):
+    bash_env = tmp_path / "bash_env.sh"
+    bash_env.write_text('echo sourced >> "$HPC_JOB_WORKING_DIRECTORY/bash_env.txt"\n')
+    monkeypatch.setenv("FROM_AGENT", "yes")
+    monkeypatch.setenv("BASH_ENV", str(bash_env))
+    job = Local(agent_settings, 54)
+    submit_job(job, {"script": "env -0 > env.bin; shopt -qo posix && echo posix > mode.txt"
+                               " || echo normal > mode.txt", "environment": {"EXTRA": "1"}})
+    assert wait_for_state(job, S.COMPLETED).status == S.COMPLETED
+    env = dict(item.split("=", 1) for item in
+               Path(job.get_working_directory(), "env.bin").read_text().split("\0") if item)
+    assert (env["FROM_AGENT"], env["EXTRA"]) == ("yes", "1")
+    assert env["HPC_JOB_WORKING_DIRECTORY"] == job.get_working_directory()
+    assert not [name for name in env if name.lower().startswith("_hpc")]
+    assert read(job, "mode.txt") == "normal\n"
+    # BASH_ENV is the job's, as before: its bash reads it, the runner does not.
+    assert read(job, "bash_env.txt") == "sourced\n"
+
+
+# -- who may read a job's files -----------------------------------------------------------
+
+def mode_of(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask():
+    def set_umask(value):
+        previous.append(os.umask(value))
+    previous = []
+    yield set_umask
+    for value in previous[:1]:
+        os.umask(value)
+
+
+def test_job_directories_are_private_by_default(agent_settings, umask):
+    umask(0o022)
+    job = Local(agent_settings, 60)
+    submit_job(job, {"script": "true"})
+    assert mode_of(job.get_working_directory()) == 0o700
+    assert mode_of(agent_settings.HPC_JOB_WORKING_DIRECTORY) == 0o700
+    assert mode_of(job.control_dir()) == 0o700
+    assert mode_of(agent_settings.HPC_CONTROL_DIRECTORY) == 0o700
+
+
+def test_a_site_can_share_job_directories_with_its_group(tmp_path, umask):
+    umask(0o077)
+    settings = AgentSettings(str(tmp_path), {"HPC_JOB_WORKING_DIRECTORY": str(tmp_path / "jobs"),
+                                             "HPC_JOB_DIRECTORY_MODE": 0o750})
+    job = Local(settings, 61)
+    try:
+        submit_job(job, {"script": "true"})
+        assert mode_of(job.get_working_directory()) == 0o750
+        assert mode_of(settings.HPC_JOB_WORKING_DIRECTORY) == 0o750
+        assert mode_of(job.control_dir()) == 0o700  # the agent's files stay its own
+    finally:
+        wait_for_state(job, S.COMPLETED)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o757, 0o600, "0700", 0o1700, True])
+def test_unusable_or_world_writable_directory_modes_are_refused(tmp_path, mode):
+    with pytest.raises(ValueError, match="HPC_JOB_DIRECTORY_MODE"):
+        AgentSettings(str(tmp_path), {"HPC_JOB_DIRECTORY_MODE": mode})
+
+
+def test_the_local_submit_benchmark_runs():
+    """bench/local_submit.py at a small size, so it keeps working (not a timing)."""
+    bench = Path(__file__).resolve().parents[3] / "bench" / "local_submit.py"
+    out = subprocess.run([sys.executable, str(bench), "--jobs", "3"], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        "local_submit", "local_submit_each", "local_all_finished"]
+    assert "still running" not in out
+
+
+def session_members(sid):
+    """Live processes of a session (a runner's session id is its pid)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != b"Z":
+                members.append(int(entry))
+    return members
+
+
+@pytest.mark.parametrize("script, wanted", [
+    ("sleep 30 & echo started", S.COMPLETED),  # a background child outliving the script
+    ("sleep 30", S.CANCELLED),
+])
+def test_the_runner_leaves_no_process_behind(agent_settings, script, wanted):
+    """Nor its walltime and grace timers: nothing is left of its session."""
+    job = Local(agent_settings, 56)
+    pid = int(submit_job(job, {"script": script, "walltime_seconds": 60}))
+    wait_for_file(job.control_dir(), "pgid")
+    if wanted == S.CANCELLED:
+        job.cancel()
+    assert wait_for_state(job, wanted).status == wanted
+    deadline = time.monotonic() + 2
+    while session_members(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert session_members(pid) == []
+
+
+def test_a_stopped_job_is_not_an_ended_one(agent_settings):
+    job = Local(agent_settings, 57)
+    submit_job(job, {"script": "sleep 0.5; echo done"})
+    wait_for_file(job.control_dir(), "pgid")
+    pgid = int(control(job, "pgid"))
+    os.killpg(pgid, signal.SIGSTOP)
+    time.sleep(0.3)  # a stop the runner must not take for an end
+    assert job.status().status == S.RUNNING
+    os.killpg(pgid, signal.SIGCONT)
+    assert wait_for_state(job, S.COMPLETED).status == S.COMPLETED
+    assert read(job, "hpc-job.out") == "done\n"
+
+
+def test_a_stopped_job_is_cancelled_at_once(agent_settings):
+    job = Local(agent_settings, 58)
+    submit_job(job, {"script": "sleep 30"})
+    wait_for_file(job.control_dir(), "pgid")
+    os.killpg(int(control(job, "pgid")), signal.SIGSTOP)
+    job.cancel()
+    assert wait_for_state(job, S.CANCELLED).status == S.CANCELLED

@@ -53,7 +53,7 @@ def test_pbs_pro_submission(pbs, settings):
         "-o", f"{workdir}/hpc-job-^array_index^.out", "-e", f"{workdir}/hpc-job-^array_index^.err",
         "-l", "select=2:ncpus=4:mpiprocs=2:mem=2048mb", "-l", "place=scatter",
         "-l", "walltime=01:02:05", "-q", "workq", "-A", "proj", "-J", "0-6:2%2",
-        f"{workdir}/.hpc/job.sh"]]
+        f"{settings.HPC_CONTROL_DIRECTORY}/3/job.sh"]]
 
 
 def test_torque_submission(torque, settings):

@@ -55,11 +55,12 @@ def test_submit_translates_parameters(fake, settings):
                        "memory_mb": 100, "queue": "all.q", "account": "proj",
                        "array": "1-99:2%3"}) == "18.1-99:2"
     workdir = settings.HPC_JOB_WORKING_DIRECTORY + "/5"
+    control = settings.HPC_CONTROL_DIRECTORY + "/5"
     assert fake.calls == [[
         "qsub", "-terse", "-N", "hpc-5.sweep", "-wd", workdir, "-o", "hpc-job-$TASK_ID.out",
         "-e", "hpc-job-$TASK_ID.err", "-S", "/bin/bash", "-l", "h_rt=90", "-l", "h_vmem=100M",
-        "-q", "all.q", "-A", "proj", "-t", "1-99:2", "-tc", "3", f"{workdir}/.hpc/job.sh"]]
-    assert Path(workdir, ".hpc", "job.sh").read_text().endswith("\ntrue\n")
+        "-q", "all.q", "-A", "proj", "-t", "1-99:2", "-tc", "3", f"{control}/job.sh"]]
+    assert Path(control, "job.sh").read_text().endswith("\ntrue\n")
 
 
 def test_a_list_that_is_one_run_becomes_one_range(fake, settings):
@@ -173,3 +174,16 @@ def test_find_submitted_live_and_in_accounting(fake, settings):
 ])
 def test_qstat_state_codes(code, expected):
     assert sge_live_state(code) == expected
+
+
+def test_a_job_cancelled_by_an_agent_before_the_control_directory_keeps_its_marker(
+        fake, settings):
+    """The marker of a job submitted by the previous agent goes where its files are."""
+    legacy = Path(settings.HPC_JOB_WORKING_DIRECTORY, "410", ".hpc")
+    legacy.mkdir(parents=True)
+    fake.answers.update({"qstat": QSTAT, "qdel": "hpcuser has deleted job 25\n"})
+    fake(settings, 410, "25").cancel()
+    assert (legacy / "cancelled").exists()
+    fake.answers["qstat"] = EMPTY_QSTAT
+    assert fake.status_many(settings, [(410, "25")]) == {
+        410: JobState(S.CANCELLED, "deleted before it started")}

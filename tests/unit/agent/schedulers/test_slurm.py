@@ -4,6 +4,7 @@ No daemon runs here: ``run`` is replaced by a script of answers taken from
 tests/data/schedulers/slurm (recorded from a real Slurm 22.05; see its README).
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,13 @@ def test_submit_writes_the_script_and_translates_parameters(fake, settings):
         "account": "proj", "array": "0-9%2", "environment": {"GREETING": "hi, 'you'"}})
     assert job_id == "31"
     workdir = settings.HPC_JOB_WORKING_DIRECTORY + "/7"
+    control = settings.HPC_CONTROL_DIRECTORY + "/7"
     assert fake.calls == [[
         "sbatch", "--parsable", "--job-name=hpc-7.render", f"--chdir={workdir}",
         "--output=hpc-job-%a.out", "--error=hpc-job-%a.err", "--nodes=2", "--ntasks=4",
         "--cpus-per-task=2", "--partition=debug", "--account=proj", "--mem=1500M",
-        "--time=2", "--array=0-9%2", f"{workdir}/.hpc/job.sh"]]
-    script = Path(workdir, ".hpc", "job.sh").read_text()
+        "--time=2", "--array=0-9%2", f"{control}/job.sh"]]
+    script = Path(control, "job.sh").read_text()
     assert script.startswith("#!/bin/bash\n")
     assert "export GREETING='hi, '\"'\"'you'\"'\"''\n" in script
     assert f"cd {workdir} || exit 1\n" in script
@@ -279,3 +281,22 @@ def test_an_array_waits_until_accounting_knows_every_element(fake, settings):
     state = fake.status_many(settings, [(9, "40")])[9]
     assert state.status == S.ERROR
     assert state.detail == "array: 3 COMPLETED, 1 FAILED (exit code 3: 1)"
+
+
+def test_an_array_submitted_by_an_agent_before_the_control_directory_is_still_read(
+        fake, settings):
+    """Its element list sits in <working directory>/.hpc, where that agent put it."""
+    legacy = Path(settings.HPC_JOB_WORKING_DIRECTORY, "9", ".hpc")
+    legacy.mkdir(parents=True)
+    (legacy / "array").write_text("0-3")
+    fake.answers["squeue"] = ""
+    fake.answers["sacct"] = "40_0|COMPLETED|0:0|2026-11-25T10:00:00|hpc-9\n"
+    assert fake.status_many(settings, [(9, "40")]) == {}  # 1 of 4 elements decides nothing
+
+
+def test_the_agents_files_for_a_job_are_not_in_its_working_directory(fake, settings):
+    fake.answers["sbatch"] = "41\n"
+    job = fake(settings, 10)
+    job.submit({"script": "true", "array": "0-1"})
+    assert os.listdir(job.get_working_directory()) == []
+    assert sorted(os.listdir(job.control_dir())) == ["array", "job.sh"]
