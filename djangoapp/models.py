@@ -7,32 +7,111 @@ states back.
 """
 
 import hashlib
+import io
 import logging
 import mimetypes
 import random
+import re
 import secrets
+import shlex
 from datetime import timedelta
 
-from django.db import models, transaction
+from django.apps import apps
+from django.db import connections, models, router, transaction
 from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from djangoapp import ipc, protocol, transitions
+from djangoapp import crypto, ipc, protocol, transitions
 from djangoapp.conf import hpc_settings
 from djangoapp.crypto import EncryptedTextField
-from djangoapp.transitions import JobStateError
+from djangoapp.transitions import JobStateError, model_receivers
 from hpc_agent.status import ACTIVE, JobStatus
 
-__all__ = ["HpcCluster", "HpcJob", "HpcJobStatusChange", "WebsocketToken", "JobStatus",
-           "JobStateError", "get_job_model"]
+__all__ = ["HpcCluster", "HpcJob", "HpcJobManager", "HpcJobStatusChange", "WebsocketToken",
+           "JobStatus", "JobStateError", "FileList", "CommandResult", "get_job_model",
+           "display_name"]
 
 log = logging.getLogger(__name__)
 
 
 def get_job_model():
-    """The job class named by ``HPC_JOB_CLASS`` (HpcJob or a subclass)."""
-    return import_string(hpc_settings.HPC_JOB_CLASS)
+    """The job class named by ``HPC_JOB_CLASS`` (HpcJob or a subclass).
+
+    Either a dotted import path (``"jobs.models.Job"``) or the short form
+    ``"app_label.ModelName"``, as ``AUTH_USER_MODEL`` is written.
+    """
+    name = hpc_settings.HPC_JOB_CLASS
+    if name.count(".") == 1:
+        try:
+            return apps.get_model(name, require_ready=False)
+        except (LookupError, ValueError):
+            pass  # a module.Class path after all
+    return import_string(name)
+
+
+def _require_job_class(cls):
+    """hpcd loads jobs through HPC_JOB_CLASS only: a job of another class
+    would never get a cluster from its own choose_cluster nor its hooks."""
+    job_model = get_job_model()
+    if not issubclass(cls, job_model):
+        raise TypeError(
+            f"a {cls.__name__} job cannot be submitted while HPC_JOB_CLASS is "
+            f"{job_model.__module__}.{job_model.__name__}: hpcd would never dispatch it. "
+            "Create jobs with djangoapp.models.get_job_model().")
+
+
+#: The words the seed project showed for each state (job_status_display).
+DISPLAY_NAMES = {
+    JobStatus.DRAFT: "Draft",
+    JobStatus.PENDING: "Pending",
+    JobStatus.SUBMITTING: "Submitting",
+    JobStatus.SUBMITTED: "Submitted",
+    JobStatus.QUEUED: "Queued",
+    JobStatus.RUNNING: "Running",
+    JobStatus.CANCELLING: "Cancelling",
+    JobStatus.CANCELLED: "Cancelled",
+    JobStatus.DELETING: "Deleting",
+    JobStatus.DELETED: "Deleted",
+    JobStatus.ERROR: "Error",
+    JobStatus.WALL_TIME_EXCEEDED: "Wall Time Exceeded",
+    JobStatus.OUT_OF_MEMORY: "Out of Memory",
+    JobStatus.COMPLETED: "Completed",
+}
+
+
+def display_name(status):
+    """The seed's display name of a state number; "Unknown" for any other value."""
+    try:
+        return DISPLAY_NAMES[JobStatus(status)]
+    except (ValueError, TypeError):
+        return "Unknown"
+
+
+if not hasattr(JobStatus, "display_name"):
+    # Portals call the seed's JobStatus.display_name(n).  The enum belongs
+    # to hpc_agent.status, where this method should live; until it does,
+    # the Django side attaches it (enum classes take new non-member names).
+    JobStatus.display_name = staticmethod(display_name)
+
+
+def _status_name(status):
+    return JobStatus(status).name if status is not None else "gone"
+
+
+def _notify_hpcd(job_id):
+    """Tell hpcd to act on a job now (0: scan for every job that needs it).
+
+    Fire and forget, with a short timeout: hpcd also scans periodically, so
+    a stopped or hung hpcd only delays the job and never blocks the caller
+    for more than HPC_IPC_NOTIFY_TIMEOUT.
+    """
+    try:
+        ipc.call(protocol.Dispatch, timeout=float(hpc_settings.HPC_IPC_NOTIFY_TIMEOUT),
+                 job_id=job_id)
+    except protocol.HpcdError as e:
+        what = f"job {job_id}" if job_id else "the submitted jobs"
+        log.info("%s will be dispatched when hpcd next scans: %s", what, e)
 
 
 class HpcClusterQuerySet(models.QuerySet):
@@ -95,16 +174,28 @@ class HpcCluster(models.Model):
     def is_connected(self):
         """The WebsocketToken of the live agent connection, or None.
 
-        Cheap: one round trip to hpcd over its Unix socket.  None too when
-        hpcd itself is not running, since then nothing is connected.
+        Cheap: one round trip to hpcd over its Unix socket and no database
+        query (hpcd answers the token's fields from memory; only its
+        ``token_hash`` is left to load on access).  None too when hpcd itself
+        is not running, since then nothing is connected.
         """
         try:
-            token_id = ipc.call(protocol.IsClusterOnline, cluster_id=self.pk)["token_id"]
+            answer = ipc.call(protocol.IsClusterOnline, cluster_id=self.pk)
         except ipc.HpcdUnavailable:
             return None
-        if not token_id:
+        if not answer["token_id"]:
             return None
-        return WebsocketToken.objects.filter(pk=token_id).first()
+        if answer.get("purpose") is None:
+            # An hpcd from before IsClusterOnline carried the token's fields.
+            return WebsocketToken.objects.filter(pk=answer["token_id"]).first()
+        values = {"id": answer["token_id"], "cluster_id": self.pk,
+                  "purpose": answer["purpose"], "created": answer["created"],
+                  "expires": answer["expires"], "used_at": answer["used_at"]}
+        fields = [f.attname for f in WebsocketToken._meta.concrete_fields if f.attname in values]
+        token = WebsocketToken.from_db(router.db_for_read(WebsocketToken), fields,
+                                       [values[name] for name in fields])
+        token.cluster = self
+        return token
 
     def try_connect(self, force=False):
         """Ask hpcd to start this cluster's agent unless it is online.
@@ -120,21 +211,28 @@ class HpcCluster(models.Model):
 
         With ``ui_id`` the path is relative to that job's working directory;
         without, it must lie in a directory the agent's settings allow.
+        The result is a :class:`FileList`: a list of those dicts that can
+        also be read the way the seed's GET_FILE_TREE message was.
         """
         files = ipc.call(protocol.ListFiles, cluster_id=self.pk, job_id=ui_id, path=path,
                          recursive=recursive)["files"]
-        return [{"path": p, "is_dir": d, "size": s} for p, d, s in files]
+        return FileList({"path": p, "is_dir": d, "size": s} for p, d, s in files)
 
-    def fetch_remote_file(self, path, ui_id=None, force_download=True):
+    def fetch_remote_file(self, path, ui_id=None, force_download=True, extra_params=None):
         """A StreamingHttpResponse of a file on the cluster.
 
-        With ``ui_id`` the path is relative to that job's working directory;
-        without, it is an absolute path in a directory the agent's settings
-        allow.  The bytes stream from the agent through hpcd with flow control
-        end to end, so memory use does not grow with the file's size.
+        With ``ui_id`` the path is relative to that job's working directory
+        (a leading ``/`` is ignored, as in the seed); without, it is an
+        absolute path in a directory the agent's settings allow.  The bytes
+        stream from the agent through hpcd with flow control end to end, so
+        memory use does not grow with the file's size.  ``extra_params`` (any
+        JSON value) is handed to the agent's scheduler's ``file_send_start``
+        and ``file_send_end``, e.g. to build an archive on the fly.
         """
-        response, chunks = ipc.open_stream(protocol.FetchFile, cluster_id=self.pk,
-                                           job_id=ui_id, path=path)
+        arguments = {"cluster_id": self.pk, "job_id": ui_id, "path": path}
+        if extra_params is not None:
+            arguments["extra_params"] = extra_params
+        response, chunks = ipc.open_stream(protocol.FetchFile, **arguments)
         name = response["name"]
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         http = StreamingHttpResponse(chunks, content_type=content_type)
@@ -153,8 +251,23 @@ class HpcCluster(models.Model):
             with cluster.get_ssh_connection() as ssh:
                 result = ssh.exec_command("squeue --me", timeout=30)
                 result.exit_status, result.stdout, result.stderr
+
+        The seed handed out a paramiko connection; its idiom works too::
+
+            stdin, stdout, stderr = ssh.exec_command("squeue --me")
+            stdout.read(), stdout.channel.recv_exit_status()
         """
         return ClusterShell(self)
+
+    def credentials(self):
+        """The decrypted ``{"key", "password"}``.
+
+        Only hpcd's launcher and the key rotation command need them: loading
+        or listing clusters never decrypts, so a changed HPC_CREDENTIAL_KEYS
+        breaks only the logins it must.  Raises CredentialKeyError, whose
+        message names what to fix, when a value cannot be decrypted.
+        """
+        return {"key": crypto.reveal(self.key), "password": crypto.reveal(self.password)}
 
     def fetch_host_keys(self):
         """The SSH host keys the cluster's server offers now, to check before
@@ -167,8 +280,72 @@ class HpcCluster(models.Model):
         self.save(update_fields=["host_key"])
 
 
+GET_FILE_TREE = 2003  # the seed's message id of a file list
+
+
+class FileList(list):
+    """A list of ``{"path", "is_dir", "size"}`` dicts (paths without a leading
+    ``/``) that also reads like the seed's GET_FILE_TREE message, for portal
+    code written against it::
+
+        files.pop_uint()      # the message id, 2003
+        count = files.pop_uint()
+        for _ in range(count):
+            files.pop_string(), files.pop_bool(), files.pop_ulong()
+            # path with a leading "/", is a directory, size
+
+    The pops only move a read cursor: the list itself is left as it is.
+    """
+
+    _KINDS = ("string", "bool", "ulong")
+
+    def __init__(self, entries=()):
+        super().__init__(entries)
+        self._cursor = 0
+
+    def _pop(self, kind):
+        if self._cursor < 2:
+            value = GET_FILE_TREE if self._cursor == 0 else len(self)
+            expected = "uint"
+        else:
+            index, part = divmod(self._cursor - 2, 3)
+            if index >= len(self):
+                raise IndexError(f"the file list has {len(self)} entries and all were read")
+            entry, expected = self[index], self._KINDS[part]
+            value = ("/" + entry["path"].lstrip("/"), entry["is_dir"], entry["size"])[part]
+        if kind != expected:
+            raise TypeError(f"the file list holds a {expected} here, not a {kind}: read it as "
+                            "uint (message id), uint (count), then string, bool, ulong per entry")
+        self._cursor += 1
+        return value
+
+    def pop_uint(self):
+        return self._pop("uint")
+
+    def pop_string(self):
+        return self._pop("string")
+
+    def pop_bool(self):
+        return self._pop("bool")
+
+    def pop_ulong(self):
+        return self._pop("ulong")
+
+
 class CommandResult:
-    """What a command run by :class:`ClusterShell` left behind."""
+    """What a command run by :class:`ClusterShell` left behind.
+
+    ``exit_status`` (None when a signal ended it: see ``signal``), and
+    ``stdout`` and ``stderr`` as bytes.  It also unpacks the way paramiko's
+    ``exec_command`` answered, into three file-like objects::
+
+        stdin, stdout, stderr = shell.exec_command("ls")
+        stdout.read()                      # bytes; readline()/iteration give text
+        stdout.channel.recv_exit_status()  # -1 when a signal ended it
+
+    The command has already finished by then, so ``stdin`` only takes
+    ``close()``: pass input as ``exec_command(command, stdin=...)``.
+    """
 
     def __init__(self, exit_status, stdout, stderr, signal=None):
         self.exit_status = exit_status
@@ -176,8 +353,71 @@ class CommandResult:
         self.stderr = stderr
         self.signal = signal
 
+    def __iter__(self):
+        channel = _FinishedChannel(self)
+        return iter((_ClosedInput(channel), _Output(self.stdout, channel),
+                     _Output(self.stderr, channel)))
+
     def __repr__(self):
         return f"<CommandResult exit_status={self.exit_status} signal={self.signal}>"
+
+
+class _FinishedChannel:
+    """What paramiko's ``stdout.channel`` answers about a finished command."""
+
+    def __init__(self, result):
+        self._result = result
+
+    def recv_exit_status(self):
+        return -1 if self._result.exit_status is None else self._result.exit_status
+
+    def exit_status_ready(self):
+        return True
+
+
+class _Output:
+    """A finished command's stdout or stderr, read like paramiko's ChannelFile:
+    ``read()`` gives bytes, ``readline()``, ``readlines()`` and iteration text."""
+
+    def __init__(self, data, channel):
+        self._buffer = io.BytesIO(data)
+        self.channel = channel
+
+    def read(self, size=-1):
+        return self._buffer.read(-1 if size is None else size)
+
+    def readline(self, size=-1):
+        return self._buffer.readline(size).decode("utf-8", "replace")
+
+    def readlines(self, hint=-1):
+        return [line.decode("utf-8", "replace") for line in self._buffer.readlines(hint)]
+
+    def __iter__(self):
+        return iter(self.readline, "")
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+
+class _ClosedInput:
+    def __init__(self, channel):
+        self.channel = channel
+
+    def write(self, data):
+        raise OSError("the command has already run: pass its input as "
+                      "exec_command(command, stdin=...)")
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
 
 
 class ClusterShell:
@@ -188,11 +428,26 @@ class ClusterShell:
         self._shell_id = ipc.call(protocol.OpenShell, cluster_id=cluster.pk, timeout=120)[
             "shell_id"]
 
-    def exec_command(self, command, stdin=b"", timeout=60):
+    def exec_command(self, command, stdin=b"", timeout=60, environment=None, bufsize=-1,
+                     get_pty=False):
         """Run ``command`` with a shell; returns a CommandResult (a non-zero
-        exit status is a result, not an exception)."""
+        exit status is a result, not an exception).
+
+        ``timeout`` (seconds, None for 60) bounds the whole command.
+        ``environment`` sets variables for it.  ``bufsize`` and ``get_pty``
+        are paramiko's and ignored: output is collected whole, without a
+        terminal.
+        """
         if self._shell_id is None:
             raise protocol.NotFound("this connection is closed")
+        if timeout is None:
+            timeout = 60
+        if environment:
+            for name in environment:
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                    raise ValueError(f"{name!r} is not an environment variable name")
+            command = "".join(f"export {name}={shlex.quote(str(value))}; "
+                              for name, value in environment.items()) + command
         if isinstance(stdin, str):
             stdin = stdin.encode()
         # The socket waits for the command plus a margin for hpcd's own work.
@@ -219,13 +474,149 @@ def _attachment(name):
     return f'attachment; filename="{safe}"'
 
 
+class HpcJobManager(models.Manager):
+    """The manager of HpcJob and, inherited, of its subclasses.
+
+    A job class that declares its own manager derives it from this one to
+    keep :meth:`submit_many`.
+    """
+
+    def submit_many(self, jobs):
+        """Submit many jobs in one transaction, with one notification to hpcd.
+
+        ``jobs``: ``(job, parameters)`` pairs, each job a DRAFT of this
+        manager's class, saved or not (unsaved ones are inserted already
+        PENDING).  As :meth:`HpcJob.submit` does for one: a job keeps the
+        cluster it has, or gets its ``choose_cluster(parameters)``.  All or
+        nothing: a job that is not a DRAFT raises JobStateError and none is
+        submitted.  Returns the jobs, PENDING.
+
+        With ``pre_save``/``post_save`` receivers connected for the class,
+        each job is saved through the model so that they see it (slower);
+        otherwise rows are written in bulk, a few statements per 500 jobs.
+        """
+        model = self.model
+        pairs = [(job, parameters) for job, parameters in jobs]
+        for job, _ in pairs:
+            if not isinstance(job, model):
+                raise TypeError(f"submit_many() of {model.__name__} was given {job!r}")
+        _require_job_class(model)
+        choose = _cluster_chooser(model)
+        for job, parameters in pairs:
+            if job.cluster_id is None:
+                job.cluster = choose(job, parameters)
+        with transaction.atomic(using=self.db):
+            if model_receivers(model):
+                for job, parameters in pairs:
+                    job._submit_through_model(parameters)
+            else:
+                now = timezone.now()
+                _insert_pending(model, [p for p in pairs if p[0].pk is None], now, self.db)
+                _update_pending([p for p in pairs if p[0].pk is not None], now)
+                HpcJobStatusChange.objects.bulk_create([
+                    HpcJobStatusChange(job_id=job.pk, time=now, old_status=JobStatus.DRAFT,
+                                       new_status=JobStatus.PENDING, source="django")
+                    for job, _ in pairs])
+            if pairs:
+                transaction.on_commit(lambda: _notify_hpcd(0), using=self.db)
+        return [job for job, _ in pairs]
+
+
+def _cluster_chooser(model):
+    """``choose(job, parameters)``: the class's own choose_cluster, or, when
+    it keeps the default, one read of the online clusters for all jobs."""
+    if model.choose_cluster is not HpcJob.choose_cluster:
+        return lambda job, parameters: job.choose_cluster(parameters)
+    online = list(HpcCluster.objects.online())
+    return lambda job, parameters: random.choice(online) if online else None
+
+
+def _pending_fields(job, parameters, now):
+    job.job_status = int(JobStatus.PENDING)
+    job.job_parameters = parameters
+    job.job_pending_time = now
+    job.job_details = ""
+
+
+def _insert_pending(model, pairs, now, db):
+    """Insert new jobs already PENDING, in bulk, also for a subclass.
+
+    Django's bulk_create refuses a multi-table subclass, so the rows are
+    inserted table by table from HpcJob down: HpcJob's with bulk_create,
+    which returns the ids, then each subclass table's own columns with the
+    manager's ``_insert``, the call Model.save() itself makes per row.
+    """
+    if not pairs:
+        return
+    for job, parameters in pairs:
+        _pending_fields(job, parameters, now)
+    jobs = [job for job, _ in pairs]
+    concrete = model._meta.concrete_model
+    chain = [*reversed(concrete._meta.get_parent_list()), concrete]
+    top = chain[0]
+    if len(chain) == 1:
+        top._base_manager.using(db).bulk_create(jobs)
+        return
+    rows = top._base_manager.using(db).bulk_create([
+        top(**{f.attname: getattr(job, f.attname) for f in top._meta.concrete_fields
+               if not f.primary_key}) for job in jobs])
+    for job, row in zip(jobs, rows):
+        for level in chain:
+            setattr(job, level._meta.pk.attname, row.pk)
+    for level in chain[1:]:
+        fields = level._meta.local_concrete_fields
+        size = connections[db].ops.bulk_batch_size(fields, jobs) or len(jobs)
+        for i in range(0, len(jobs), size):
+            level._base_manager._insert(jobs[i:i + size], fields=fields, using=db)
+    for job in jobs:
+        job._state.adding = False
+        job._state.db = db
+
+
+def _update_pending(pairs, now):
+    """Saved DRAFT jobs made PENDING: read their states with the rows locked,
+    then one compare-and-set UPDATE per 500 jobs."""
+    if not pairs:
+        return
+    ids = [job.pk for job, _ in pairs]
+    states = {}
+    for chunk in transitions._chunks(ids):
+        states.update(HpcJob.objects.select_for_update().filter(pk__in=chunk)
+                      .values_list("pk", "job_status"))
+    wrong = [pk for pk in ids if states.get(pk) != JobStatus.DRAFT]
+    if wrong:
+        raise JobStateError(
+            "only DRAFT jobs can be submitted; " + ", ".join(
+                f"job {pk} is {_status_name(states.get(pk))}" for pk in wrong[:10])
+            + (f" and {len(wrong) - 10} more" if len(wrong) > 10 else "")
+            + "; nothing was submitted")
+    for chunk in transitions._chunks(pairs):
+        parameters = {job.pk: p for job, p in chunk}
+        matched = HpcJob.objects.filter(pk__in=list(parameters),
+                                        job_status=JobStatus.DRAFT).update(
+            job_status=int(JobStatus.PENDING), job_pending_time=now, job_details="",
+            job_parameters=transitions._case("job_parameters", parameters),
+            cluster_id=transitions._case("cluster", {job.pk: job.cluster_id
+                                                     for job, _ in chunk}))
+        if matched != len(chunk):
+            raise JobStateError("some of the jobs were changed by another writer while they "
+                                "were submitted; nothing was submitted, try again")
+    for job, parameters in pairs:
+        _pending_fields(job, parameters, now)
+
+
 class HpcJob(models.Model):
     """A batch job; subclass it and name the subclass in ``HPC_JOB_CLASS``.
 
     The public API is :meth:`submit`, :meth:`cancel`, :meth:`delete_job`,
-    :meth:`fetch_remote_file_list`, :meth:`fetch_remote_file` and the
-    overridable :meth:`choose_cluster`.  ``job_status`` is written only through
-    :func:`djangoapp.transitions.apply`, which enforces the transition table.
+    :meth:`fetch_remote_file_list`, :meth:`fetch_remote_file`,
+    ``objects.submit_many`` and the overridable :meth:`choose_cluster` and
+    :meth:`on_status_change`.  ``job_status`` is written only through
+    :mod:`djangoapp.transitions`, which enforces the transition table.
+
+    Subclasses may define ``status``, ``name``, ``description``, ``user``
+    or the like as they please: this class's own code reads only its
+    ``job_*`` fields.
     """
 
     cluster = models.ForeignKey(
@@ -248,17 +639,26 @@ class HpcJob(models.Model):
     job_running_time = models.DateTimeField(null=True, blank=True)
     job_finished_time = models.DateTimeField(null=True, blank=True)
 
+    objects = HpcJobManager()
+
     class Meta:
         verbose_name = "HPC job"
         ordering = ["-id"]
         indexes = [models.Index(fields=["cluster", "job_status"])]
 
     def __str__(self):
-        return f"job {self.pk} ({self.status.name})"
+        return f"job {self.pk} ({_status_name(self.job_status)})"
 
     @property
     def status(self):
+        """The state as a JobStatus (a subclass may redefine ``status``; this
+        class never reads it)."""
         return JobStatus(self.job_status)
+
+    @property
+    def job_status_display(self):
+        """The state in the seed's words ("Wall Time Exceeded")."""
+        return display_name(self.job_status)
 
     def history(self):
         """This job's state changes, oldest first."""
@@ -286,22 +686,34 @@ class HpcJob(models.Model):
 
         The job becomes PENDING and hpcd dispatches it at once if its cluster
         is online, or when it comes online: submit never fails because hpcd or
-        the cluster is down.  Returns the job's status.
+        the cluster is down, nor waits for it.  A job whose ``cluster`` is set
+        stays on it; otherwise ``choose_cluster`` picks.  Only a DRAFT job can
+        be submitted (JobStateError).  Returns the job's status.
         """
+        _require_job_class(type(self))
         if self.pk is None:
             self.save()
-        with transaction.atomic():
-            current = type(self).objects.select_for_update().get(pk=self.pk)
-            if current.job_status != JobStatus.DRAFT:
-                raise JobStateError(f"job {self.pk} is {current.status.name}; only a DRAFT job "
-                                    "can be submitted (create a new job to run again)")
-            self.job_parameters = parameters
+        if self.cluster_id is None:
             self.cluster = self.choose_cluster(parameters)
-            self.save(update_fields=["job_parameters", "cluster"])
-            transitions.apply(self.pk, JobStatus.PENDING, "django")
-            transaction.on_commit(self._notify_hpcd)
-        self.refresh_from_db()
-        return self.status
+        if model_receivers(type(self)):
+            self._submit_through_model(parameters)
+        else:
+            applied, old = transitions.apply(
+                self.pk, JobStatus.PENDING, "django", instance=self,
+                extra={"job_parameters": parameters, "cluster_id": self.cluster_id})
+            if not applied:
+                raise JobStateError(_not_a_draft(self.pk, old))
+        transaction.on_commit(self._notify_hpcd)
+        return JobStatus.PENDING
+
+    def _submit_through_model(self, parameters):
+        if self.pk is None:
+            self.save()
+        applied, old = transitions.apply(
+            self.pk, JobStatus.PENDING, "django", instance=self,
+            extra={"job_parameters": parameters, "cluster_id": self.cluster_id})
+        if not applied:
+            raise JobStateError(_not_a_draft(self.pk, old))
 
     def cancel(self):
         """Stop the job.  A job never sent to a cluster is CANCELLED at once; a
@@ -314,14 +726,14 @@ class HpcJob(models.Model):
                 return JobStatus.CANCELLING
             return None
 
-        applied, old = transitions.apply(self.pk, None, "django", decide=decide)
-        self.refresh_from_db()
-        if applied and self.status == JobStatus.CANCELLING:
-            transaction.on_commit(self._notify_hpcd)
-        elif not applied and old not in (JobStatus.CANCELLING, JobStatus.CANCELLED):
-            raise JobStateError(f"job {self.pk} is {old.name if old is not None else 'gone'} "
-                                "and cannot be cancelled")
-        return self.status
+        applied, old = transitions.apply(self.pk, None, "django", decide=decide, instance=self)
+        if applied:
+            if self.job_status == JobStatus.CANCELLING:
+                transaction.on_commit(self._notify_hpcd)
+            return JobStatus(self.job_status)
+        if old in (JobStatus.CANCELLING, JobStatus.CANCELLED):
+            return old
+        raise JobStateError(f"job {self.pk} is {_status_name(old)} and cannot be cancelled")
 
     def delete_job(self):
         """Remove the job's data on the cluster.  The job must have finished;
@@ -331,21 +743,18 @@ class HpcJob(models.Model):
                 return JobStatus.DELETED
             return JobStatus.DELETING
 
-        applied, old = transitions.apply(self.pk, None, "django", decide=decide)
-        self.refresh_from_db()
-        if applied and self.status == JobStatus.DELETING:
-            transaction.on_commit(self._notify_hpcd)
-        elif not applied and old not in (JobStatus.DELETING, JobStatus.DELETED):
-            raise JobStateError(f"job {self.pk} is {old.name if old is not None else 'gone'}: "
-                                "only a finished job can be deleted (cancel it first)")
-        return self.status
+        applied, old = transitions.apply(self.pk, None, "django", decide=decide, instance=self)
+        if applied:
+            if self.job_status == JobStatus.DELETING:
+                transaction.on_commit(self._notify_hpcd)
+            return JobStatus(self.job_status)
+        if old in (JobStatus.DELETING, JobStatus.DELETED):
+            return old
+        raise JobStateError(f"job {self.pk} is {_status_name(old)}: only a finished job can "
+                            "be deleted (cancel it first)")
 
     def _notify_hpcd(self):
-        # hpcd also scans for work periodically; this only saves the wait.
-        try:
-            ipc.call(protocol.Dispatch, job_id=self.pk)
-        except protocol.HpcdError as e:
-            log.info("job %s will be dispatched when hpcd next scans: %s", self.pk, e)
+        _notify_hpcd(self.pk)
 
     def _require_cluster(self):
         if self.cluster_id is None:
@@ -354,14 +763,22 @@ class HpcJob(models.Model):
 
     def fetch_remote_file_list(self, path="/", recursive=True):
         """The job's files below ``path`` (relative to its working directory):
-        ``[{"path", "is_dir", "size"}, ...]``."""
+        a :class:`FileList` of ``{"path", "is_dir", "size"}``."""
         return self._require_cluster().fetch_remote_file_list(path, recursive, ui_id=self.pk)
 
-    def fetch_remote_file(self, path, force_download=True):
+    def fetch_remote_file(self, path, force_download=True, extra_params=None):
         """A StreamingHttpResponse of one of the job's files (a path relative
-        to its working directory)."""
-        return self._require_cluster().fetch_remote_file(path, ui_id=self.pk,
-                                                         force_download=force_download)
+        to its working directory; a leading ``/`` is ignored).
+        ``extra_params``: see :meth:`HpcCluster.fetch_remote_file`."""
+        return self._require_cluster().fetch_remote_file(
+            path, ui_id=self.pk, force_download=force_download, extra_params=extra_params)
+
+
+def _not_a_draft(job_id, old):
+    if old is None:
+        return f"job {job_id} does not exist (was it deleted?)"
+    return (f"job {job_id} is {_status_name(old)}; only a DRAFT job can be submitted "
+            "(create a new job to run again)")
 
 
 class HpcJobStatusChange(models.Model):

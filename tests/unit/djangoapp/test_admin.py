@@ -33,7 +33,7 @@ def test_saving_the_form_with_empty_credentials_keeps_them(admin_client):
         "password": "", "host_key": "", "client_path": "/srv/b", "enabled": "on"})
     assert response.status_code == 302, response.content[:2000]
     cluster.refresh_from_db()
-    assert cluster.password == "kept" and cluster.client_path == "/srv/b"
+    assert cluster.credentials()["password"] == "kept" and cluster.client_path == "/srv/b"
     admin_client.post(f"/admin/djangoapp/hpccluster/{cluster.pk}/change/", {
         "host_name": "hpc.example.org", "port": 22, "username": "u", "key": "",
         "password": "", "clear_credentials": "on", "host_key": "", "client_path": "/srv/b",
