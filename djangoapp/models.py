@@ -511,8 +511,9 @@ class HpcJobManager(models.Manager):
                     job._submit_through_model(parameters)
             else:
                 now = timezone.now()
+                saved = [p for p in pairs if p[0].pk is not None]
                 _insert_pending(model, [p for p in pairs if p[0].pk is None], now, self.db)
-                _update_pending([p for p in pairs if p[0].pk is not None], now)
+                _update_pending(saved, now)
                 HpcJobStatusChange.objects.bulk_create([
                     HpcJobStatusChange(job_id=job.pk, time=now, old_status=JobStatus.DRAFT,
                                        new_status=JobStatus.PENDING, source="django")

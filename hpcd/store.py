@@ -128,7 +128,7 @@ def _assign_clusters_thd(job_ids, limit=None):
     model = get_job_model()
     jobs = model._base_manager.in_bulk(turn)
     assigned = {}
-    for job in jobs.values():
+    for job in (jobs[i] for i in turn if i in jobs):
         if job.job_status != JobStatus.PENDING or job.cluster_id is not None:
             continue
         try:
