@@ -514,10 +514,9 @@ class HpcJobManager(models.Manager):
                 saved = [p for p in pairs if p[0].pk is not None]
                 _insert_pending(model, [p for p in pairs if p[0].pk is None], now, self.db)
                 _update_pending(saved, now)
-                HpcJobStatusChange.objects.bulk_create([
-                    HpcJobStatusChange(job_id=job.pk, time=now, old_status=JobStatus.DRAFT,
-                                       new_status=JobStatus.PENDING, source="django")
-                    for job, _ in pairs])
+                transitions.insert_history([
+                    transitions.Change(job.pk, JobStatus.DRAFT, JobStatus.PENDING, "", "django")
+                    for job, _ in pairs], now)
             if pairs:
                 transaction.on_commit(lambda: _notify_hpcd(0), using=self.db)
         return [job for job, _ in pairs]
@@ -581,7 +580,7 @@ def _update_pending(pairs, now):
         return
     ids = [job.pk for job, _ in pairs]
     states = {}
-    for chunk in transitions._chunks(ids):
+    for chunk in transitions.chunks(ids):
         states.update(HpcJob.objects.select_for_update().filter(pk__in=chunk)
                       .values_list("pk", "job_status"))
     wrong = [pk for pk in ids if states.get(pk) != JobStatus.DRAFT]
@@ -591,13 +590,13 @@ def _update_pending(pairs, now):
                 f"job {pk} is {_status_name(states.get(pk))}" for pk in wrong[:10])
             + (f" and {len(wrong) - 10} more" if len(wrong) > 10 else "")
             + "; nothing was submitted")
-    for chunk in transitions._chunks(pairs):
+    for chunk in transitions.chunks(pairs):
         parameters = {job.pk: p for job, p in chunk}
         matched = HpcJob.objects.filter(pk__in=list(parameters),
                                         job_status=JobStatus.DRAFT).update(
             job_status=int(JobStatus.PENDING), job_pending_time=now, job_details="",
-            job_parameters=transitions._case("job_parameters", parameters),
-            cluster_id=transitions._case("cluster", {job.pk: job.cluster_id
+            job_parameters=transitions.value_per_job("job_parameters", parameters),
+            cluster_id=transitions.value_per_job("cluster", {job.pk: job.cluster_id
                                                      for job, _ in chunk}))
         if matched != len(chunk):
             raise JobStateError("some of the jobs were changed by another writer while they "

@@ -205,7 +205,7 @@ def _chunk_size():
     return 500 if limit is None else max(1, min(500, limit // 5))
 
 
-def _chunks(items):
+def chunks(items):
     size = _chunk_size()
     return (items[i:i + size] for i in range(0, len(items), size))
 
@@ -215,7 +215,7 @@ def _read_states(job_ids):
     from djangoapp.models import HpcJob
 
     rows = {}
-    for chunk in _chunks(sorted(set(job_ids))):
+    for chunk in chunks(sorted(set(job_ids))):
         rows.update((pk, (cluster, status)) for pk, cluster, status in HpcJob.objects.filter(
             pk__in=chunk).values_list("pk", "cluster_id", "job_status"))
     return rows
@@ -267,13 +267,13 @@ def _apply_grouped(model, updates, source, states):
     won, lost = [], []
     for (start, path), jobs in groups.items():
         time_fields = {TIME_FIELDS[s] for s in path if s in TIME_FIELDS}
-        for chunk in _chunks(jobs):
+        for chunk in chunks(jobs):
             fields = {"job_status": int(path[-1]), **dict.fromkeys(time_fields, now),
-                      "job_details": _case("job_details",
+                      "job_details": value_per_job("job_details",
                                            {j: plans[j].steps[-1][2] for j in chunk})}
             remotes = {j: plans[j].remote for j in chunk if plans[j].remote}
             if remotes:
-                fields["remote_job_id"] = _case("remote_job_id", remotes,
+                fields["remote_job_id"] = value_per_job("remote_job_id", remotes,
                                                 default="remote_job_id", covers=chunk)
             try:
                 # A savepoint: when fewer rows matched, which ones did is
@@ -290,7 +290,7 @@ def _apply_grouped(model, updates, source, states):
 
     changes = [Change(job, old, new, detail, source)
                for job in won for old, new, detail, _ in plans[job].steps]
-    _insert_history(changes, now)
+    insert_history(changes, now)
     _after_commit(model, list(changes))
     for job in lost:
         # Another writer moved the job since it was read: each update is
@@ -303,7 +303,7 @@ def _apply_grouped(model, updates, source, states):
     return changes
 
 
-def _insert_history(changes, now):
+def insert_history(changes, now):
     """One history row per change, with multi-row INSERTs.
 
     Written as SQL rather than with bulk_create: building and preparing a
@@ -333,7 +333,7 @@ def _insert_history(changes, now):
             cursor.execute(head + ", ".join([row] * len(chunk)), params)
 
 
-def _case(name, values, default=None, covers=None):
+def value_per_job(name, values, default=None, covers=None):
     """The value of field ``name`` for each job id in ``values``, as one
     expression: a plain value when it is the same for every job, else
     ``CASE id WHEN ... THEN ... ELSE <default column> END``.
