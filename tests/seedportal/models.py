@@ -13,6 +13,7 @@ from django.db.models.signals import post_save, pre_save
 from django.dispatch import receiver
 
 from djangoapp.models import HpcJob, JobStatus
+from djangoapp.signals import job_status_changed
 
 ENDED = {JobStatus.COMPLETED, JobStatus.ERROR, JobStatus.CANCELLED,
          JobStatus.WALL_TIME_EXCEEDED, JobStatus.OUT_OF_MEMORY}
@@ -44,7 +45,8 @@ class SentMail(models.Model):
 
 
 class SaveSeen(models.Model):
-    """Every pre_save and post_save of a Job, with the update_fields."""
+    """Every pre_save and post_save of a Job, with the update_fields, and
+    every job_status_changed (its source in ``update_fields``)."""
 
     job_id = models.IntegerField()
     signal = models.CharField(max_length=16)
@@ -74,3 +76,9 @@ def record_post_save(sender, instance, created, update_fields=None, **kwargs):
 def _seen(instance, signal, update_fields):
     SaveSeen.objects.create(job_id=instance.pk, signal=signal, job_status=instance.job_status,
                             update_fields=",".join(sorted(update_fields or ())))
+
+
+@receiver(job_status_changed, sender=Job)
+def record_status_changed(sender, job, old, new, detail, source, **kwargs):
+    SaveSeen.objects.create(job_id=job.pk, signal="status_changed", job_status=new,
+                            update_fields=source)
