@@ -47,3 +47,9 @@ def test_job_state_fields_are_read_only_in_the_admin(admin_client):
     page = admin_client.get(f"/admin/djangoapp/hpcjob/{job.pk}/change/").content.decode()
     assert 'name="job_status"' not in page
     assert "Running" in page
+
+
+def test_jobs_are_added_in_the_admin_only_as_the_job_class(admin_client, settings):
+    assert admin_client.get("/admin/djangoapp/hpcjob/add/").status_code == 200
+    settings.HPC_JOB_CLASS = "seedportal.Job"
+    assert admin_client.get("/admin/djangoapp/hpcjob/add/").status_code == 403
