@@ -177,6 +177,17 @@ def transition_thd(job_id, new, detail=""):
     return applied
 
 
+def transition_many_thd(job_ids, new, detail=""):
+    """Move many jobs to ``new`` in one transaction, each by the transition
+    table (for the dispatcher: PENDING -> SUBMITTING for a whole scan, a few
+    statements instead of two per job); returns the ids of those moved."""
+    new = JobStatus(new)
+    changes, _ = transitions.apply_batch(
+        [{"job": job_id, "status": new, "detail": detail, "scheduler_id": None}
+         for job_id in job_ids], "hpcd")
+    return [change.job for change in changes]
+
+
 def apply_updates_thd(cluster_id, updates):
     """Apply an agent's updates in one transaction; returns the seqs to ack.
 
@@ -306,6 +317,9 @@ class Store(service.Service):
 
     def transition(self, job_id, new, detail=""):
         return self.run(transition_thd, job_id, new, detail)
+
+    def transition_many(self, job_ids, new, detail=""):
+        return self.run(transition_many_thd, job_ids, new, detail)
 
     def apply_updates(self, cluster_id, updates):
         return self.run(apply_updates_thd, cluster_id, updates)

@@ -236,3 +236,14 @@ def test_a_plain_hpcjob_row_under_a_subclass_setting_ends_in_error(cluster, sett
     assert stray.job_status == S.ERROR
     assert "get_job_model()" in stray.job_details and "testjobs.LabeledJob" in stray.job_details
     assert store.work_thd() == [w for w in work if w["job"] != stray.pk]
+
+
+def test_many_jobs_move_in_one_batch_each_by_the_table(cluster):
+    pending = [HpcJob.objects.create(cluster=cluster, job_status=S.PENDING) for _ in range(3)]
+    cancelled = HpcJob.objects.create(cluster=cluster, job_status=S.CANCELLED)
+    ids = [j.pk for j in pending] + [cancelled.pk, 987654]
+    assert sorted(store.transition_many_thd(ids, S.SUBMITTING)) == sorted(
+        j.pk for j in pending)
+    assert all(steps(j.pk) == [(S.PENDING, S.SUBMITTING, "hpcd", "")] for j in pending)
+    assert HpcJob.objects.get(pk=cancelled.pk).job_status == S.CANCELLED
+    assert store.transition_many_thd(ids, S.SUBMITTING) == []
