@@ -7,24 +7,23 @@ states back.
 """
 
 import hashlib
-import io
 import logging
 import mimetypes
 import random
-import re
 import secrets
-import shlex
 from datetime import timedelta
 
 from django.apps import apps
-from django.db import connections, models, router, transaction
+from django.db import models, router, transaction
 from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from djangoapp import crypto, ipc, protocol, transitions
+from djangoapp import crypto, ipc, protocol, submission, transitions
 from djangoapp.conf import hpc_settings
 from djangoapp.crypto import EncryptedTextField
+from djangoapp.files import FileList
+from djangoapp.shell import ClusterShell, CommandResult
 from djangoapp.transitions import JobStateError, model_receivers
 from hpc_agent.status import ACTIVE, JobStatus
 
@@ -280,195 +279,6 @@ class HpcCluster(models.Model):
         self.save(update_fields=["host_key"])
 
 
-GET_FILE_TREE = 2003  # the seed's message id of a file list
-
-
-class FileList(list):
-    """A list of ``{"path", "is_dir", "size"}`` dicts (paths without a leading
-    ``/``) that also reads like the seed's GET_FILE_TREE message, for portal
-    code written against it::
-
-        files.pop_uint()      # the message id, 2003
-        count = files.pop_uint()
-        for _ in range(count):
-            files.pop_string(), files.pop_bool(), files.pop_ulong()
-            # path with a leading "/", is a directory, size
-
-    The pops only move a read cursor: the list itself is left as it is.
-    """
-
-    _KINDS = ("string", "bool", "ulong")
-
-    def __init__(self, entries=()):
-        super().__init__(entries)
-        self._cursor = 0
-
-    def _pop(self, kind):
-        if self._cursor < 2:
-            value = GET_FILE_TREE if self._cursor == 0 else len(self)
-            expected = "uint"
-        else:
-            index, part = divmod(self._cursor - 2, 3)
-            if index >= len(self):
-                raise IndexError(f"the file list has {len(self)} entries and all were read")
-            entry, expected = self[index], self._KINDS[part]
-            value = ("/" + entry["path"].lstrip("/"), entry["is_dir"], entry["size"])[part]
-        if kind != expected:
-            raise TypeError(f"the file list holds a {expected} here, not a {kind}: read it as "
-                            "uint (message id), uint (count), then string, bool, ulong per entry")
-        self._cursor += 1
-        return value
-
-    def pop_uint(self):
-        return self._pop("uint")
-
-    def pop_string(self):
-        return self._pop("string")
-
-    def pop_bool(self):
-        return self._pop("bool")
-
-    def pop_ulong(self):
-        return self._pop("ulong")
-
-
-class CommandResult:
-    """What a command run by :class:`ClusterShell` left behind.
-
-    ``exit_status`` (None when a signal ended it: see ``signal``), and
-    ``stdout`` and ``stderr`` as bytes.  It also unpacks the way paramiko's
-    ``exec_command`` answered, into three file-like objects::
-
-        stdin, stdout, stderr = shell.exec_command("ls")
-        stdout.read()                      # bytes; readline()/iteration give text
-        stdout.channel.recv_exit_status()  # -1 when a signal ended it
-
-    The command has already finished by then, so ``stdin`` only takes
-    ``close()``: pass input as ``exec_command(command, stdin=...)``.
-    """
-
-    def __init__(self, exit_status, stdout, stderr, signal=None):
-        self.exit_status = exit_status
-        self.stdout = stdout
-        self.stderr = stderr
-        self.signal = signal
-
-    def __iter__(self):
-        channel = _FinishedChannel(self)
-        return iter((_ClosedInput(channel), _Output(self.stdout, channel),
-                     _Output(self.stderr, channel)))
-
-    def __repr__(self):
-        return f"<CommandResult exit_status={self.exit_status} signal={self.signal}>"
-
-
-class _FinishedChannel:
-    """What paramiko's ``stdout.channel`` answers about a finished command."""
-
-    def __init__(self, result):
-        self._result = result
-
-    def recv_exit_status(self):
-        return -1 if self._result.exit_status is None else self._result.exit_status
-
-    def exit_status_ready(self):
-        return True
-
-
-class _Output:
-    """A finished command's stdout or stderr, read like paramiko's ChannelFile:
-    ``read()`` gives bytes, ``readline()``, ``readlines()`` and iteration text."""
-
-    def __init__(self, data, channel):
-        self._buffer = io.BytesIO(data)
-        self.channel = channel
-
-    def read(self, size=-1):
-        return self._buffer.read(-1 if size is None else size)
-
-    def readline(self, size=-1):
-        return self._buffer.readline(size).decode("utf-8", "replace")
-
-    def readlines(self, hint=-1):
-        return [line.decode("utf-8", "replace") for line in self._buffer.readlines(hint)]
-
-    def __iter__(self):
-        return iter(self.readline, "")
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        pass
-
-
-class _ClosedInput:
-    def __init__(self, channel):
-        self.channel = channel
-
-    def write(self, data):
-        raise OSError("the command has already run: pass its input as "
-                      "exec_command(command, stdin=...)")
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-class ClusterShell:
-    """Runs commands on a cluster through hpcd (see get_ssh_connection)."""
-
-    def __init__(self, cluster):
-        self.cluster = cluster
-        self._shell_id = ipc.call(protocol.OpenShell, cluster_id=cluster.pk, timeout=120)[
-            "shell_id"]
-
-    def exec_command(self, command, stdin=b"", timeout=60, environment=None, bufsize=-1,
-                     get_pty=False):
-        """Run ``command`` with a shell; returns a CommandResult (a non-zero
-        exit status is a result, not an exception).
-
-        ``timeout`` (seconds, None for 60) bounds the whole command.
-        ``environment`` sets variables for it.  ``bufsize`` and ``get_pty``
-        are paramiko's and ignored: output is collected whole, without a
-        terminal.
-        """
-        if self._shell_id is None:
-            raise protocol.NotFound("this connection is closed")
-        if timeout is None:
-            timeout = 60
-        if environment:
-            for name in environment:
-                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                    raise ValueError(f"{name!r} is not an environment variable name")
-            command = "".join(f"export {name}={shlex.quote(str(value))}; "
-                              for name, value in environment.items()) + command
-        if isinstance(stdin, str):
-            stdin = stdin.encode()
-        # The socket waits for the command plus a margin for hpcd's own work.
-        answer = ipc.call(protocol.RunCommand, timeout=float(timeout) + 30,
-                          shell_id=self._shell_id, command=command, stdin=stdin,
-                          timeout_seconds=float(timeout))
-        return CommandResult(answer["exit_status"], answer["stdout"], answer["stderr"],
-                             answer["signal"])
-
-    def close(self):
-        if self._shell_id is not None:
-            shell_id, self._shell_id = self._shell_id, None
-            ipc.call(protocol.CloseShell, shell_id=shell_id)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
 def _attachment(name):
     safe = name.replace("\\", "_").replace('"', "_")
     return f'attachment; filename="{safe}"'
@@ -501,7 +311,7 @@ class HpcJobManager(models.Manager):
             if not isinstance(job, model):
                 raise TypeError(f"submit_many() of {model.__name__} was given {job!r}")
         _require_job_class(model)
-        choose = _cluster_chooser(model)
+        choose = submission.cluster_chooser(model)
         for job, parameters in pairs:
             if job.cluster_id is None:
                 job.cluster = choose(job, parameters)
@@ -512,97 +322,15 @@ class HpcJobManager(models.Manager):
             else:
                 now = timezone.now()
                 saved = [p for p in pairs if p[0].pk is not None]
-                _insert_pending(model, [p for p in pairs if p[0].pk is None], now, self.db)
-                _update_pending(saved, now)
+                submission.insert_pending(model, [p for p in pairs if p[0].pk is None], now,
+                                          self.db)
+                submission.update_pending(saved, now)
                 transitions.insert_history([
                     transitions.Change(job.pk, JobStatus.DRAFT, JobStatus.PENDING, "", "django")
                     for job, _ in pairs], now)
             if pairs:
                 transaction.on_commit(lambda: _notify_hpcd(0), using=self.db)
         return [job for job, _ in pairs]
-
-
-def _cluster_chooser(model):
-    """``choose(job, parameters)``: the class's own choose_cluster, or, when
-    it keeps the default, one read of the online clusters for all jobs."""
-    if model.choose_cluster is not HpcJob.choose_cluster:
-        return lambda job, parameters: job.choose_cluster(parameters)
-    online = list(HpcCluster.objects.online())
-    return lambda job, parameters: random.choice(online) if online else None
-
-
-def _pending_fields(job, parameters, now):
-    job.job_status = int(JobStatus.PENDING)
-    job.job_parameters = parameters
-    job.job_pending_time = now
-    job.job_details = ""
-
-
-def _insert_pending(model, pairs, now, db):
-    """Insert new jobs already PENDING, in bulk, also for a subclass.
-
-    Django's bulk_create refuses a multi-table subclass, so the rows are
-    inserted table by table from HpcJob down: HpcJob's with bulk_create,
-    which returns the ids, then each subclass table's own columns with the
-    manager's ``_insert``, the call Model.save() itself makes per row.
-    """
-    if not pairs:
-        return
-    for job, parameters in pairs:
-        _pending_fields(job, parameters, now)
-    jobs = [job for job, _ in pairs]
-    concrete = model._meta.concrete_model
-    chain = [*reversed(concrete._meta.get_parent_list()), concrete]
-    top = chain[0]
-    if len(chain) == 1:
-        top._base_manager.using(db).bulk_create(jobs)
-        return
-    rows = top._base_manager.using(db).bulk_create([
-        top(**{f.attname: getattr(job, f.attname) for f in top._meta.concrete_fields
-               if not f.primary_key}) for job in jobs])
-    for job, row in zip(jobs, rows):
-        for level in chain:
-            setattr(job, level._meta.pk.attname, row.pk)
-    for level in chain[1:]:
-        fields = level._meta.local_concrete_fields
-        size = connections[db].ops.bulk_batch_size(fields, jobs) or len(jobs)
-        for i in range(0, len(jobs), size):
-            level._base_manager._insert(jobs[i:i + size], fields=fields, using=db)
-    for job in jobs:
-        job._state.adding = False
-        job._state.db = db
-
-
-def _update_pending(pairs, now):
-    """Saved DRAFT jobs made PENDING: read their states with the rows locked,
-    then one compare-and-set UPDATE per 500 jobs."""
-    if not pairs:
-        return
-    ids = [job.pk for job, _ in pairs]
-    states = {}
-    for chunk in transitions.chunks(ids):
-        states.update(HpcJob.objects.select_for_update().filter(pk__in=chunk)
-                      .values_list("pk", "job_status"))
-    wrong = [pk for pk in ids if states.get(pk) != JobStatus.DRAFT]
-    if wrong:
-        raise JobStateError(
-            "only DRAFT jobs can be submitted; " + ", ".join(
-                f"job {pk} is {_status_name(states.get(pk))}" for pk in wrong[:10])
-            + (f" and {len(wrong) - 10} more" if len(wrong) > 10 else "")
-            + "; nothing was submitted")
-    for chunk in transitions.chunks(pairs):
-        parameters = {job.pk: p for job, p in chunk}
-        matched = HpcJob.objects.filter(pk__in=list(parameters),
-                                        job_status=JobStatus.DRAFT).update(
-            job_status=int(JobStatus.PENDING), job_pending_time=now, job_details="",
-            job_parameters=transitions.value_per_job("job_parameters", parameters),
-            cluster_id=transitions.value_per_job("cluster", {job.pk: job.cluster_id
-                                                     for job, _ in chunk}))
-        if matched != len(chunk):
-            raise JobStateError("some of the jobs were changed by another writer while they "
-                                "were submitted; nothing was submitted, try again")
-    for job, parameters in pairs:
-        _pending_fields(job, parameters, now)
 
 
 class HpcJob(models.Model):
