@@ -7,7 +7,13 @@ from django.contrib.admin import helpers
 from django.shortcuts import render
 
 from djangoapp.ipc import HpcdError
-from djangoapp.models import HpcCluster, HpcJob, HpcJobStatusChange, WebsocketToken
+from djangoapp.models import (
+    HpcCluster,
+    HpcJob,
+    HpcJobStatusChange,
+    WebsocketToken,
+    get_job_model,
+)
 from djangoapp.transitions import JobStateError
 
 
@@ -108,6 +114,13 @@ class HpcJobAdmin(admin.ModelAdmin):
                        "job_running_time", "job_finished_time")
     inlines = [StatusChangeInline]
     actions = ["cancel_jobs", "delete_job_data"]
+
+    def has_add_permission(self, request):
+        # A job is added as the HPC_JOB_CLASS or not at all: a plain HpcJob
+        # row under a subclass setting would never be dispatched (hpcd ends
+        # such rows in ERROR).  The subclass's own admin, if the site
+        # registers one, adds them.
+        return get_job_model() is HpcJob and super().has_add_permission(request)
 
     def _each(self, request, queryset, method):
         for job in queryset:

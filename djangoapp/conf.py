@@ -80,6 +80,14 @@ DEFAULTS = {
     "HPC_SSH_LOGINS_PER_MINUTE": 6,
     # Seconds an SSH connection opened by get_ssh_connection() may stay idle.
     "HPC_SSH_SESSION_IDLE_SECONDS": 600,
+    # -- seed compatibility and throughput (issues 7, 8, 12) --
+    # Seconds submit(), cancel() and friends wait for hpcd to take their
+    # notification; a stopped or hung hpcd costs at most this (its periodic
+    # scan picks the job up instead).
+    "HPC_IPC_NOTIFY_TIMEOUT": 0.5,
+    # Most choose_cluster() calls one dispatch scan makes for jobs without a
+    # cluster; the rest wait for the next scans, in turn.
+    "HPC_DISPATCH_ASSIGN_LIMIT": 100,
 }
 
 

@@ -5,8 +5,12 @@ password), with Fernet keys from the ``HPC_CREDENTIAL_KEYS`` setting.
 ``HPC_CREDENTIAL_KEYS`` is a list of Fernet keys (url-safe base64 of 32
 bytes, see ``generate_key()``). The first key encrypts; every key decrypts.
 To rotate: put a new key first, run ``rotate()`` over the stored values
-(saving each row through ``EncryptedTextField`` does the same), then drop
-the old key.
+(``manage.py hpc_rotate_credentials``), then drop the old key.
+
+Values are decrypted on access only (``reveal()``), never on load: a
+cluster row carries its ciphertext, so listing clusters or reading
+``job.cluster`` works whatever the keys, and only the code that logs in
+(hpcd's launcher) or rotates needs a key that fits.
 
 Stored values carry the ``fernet:`` prefix, so ciphertext is never taken for
 plaintext and never encrypted twice. The setting is read at every call, so
@@ -79,6 +83,15 @@ def decrypt(token: str | None) -> str:
     return _fernet_call("decrypt", token).decode("utf-8")
 
 
+def reveal(value: str | None) -> str:
+    """The plaintext of a stored value: decrypted when it is a token, as is
+    when it is plaintext not encrypted yet (a row from before encryption,
+    or a value assigned and not saved); empty or None gives ""."""
+    if not value:
+        return ""
+    return decrypt(value) if is_encrypted(value) else value
+
+
 def rotate(token: str | None) -> str:
     """``token`` re-encrypted under the first key; empty or None gives ""."""
     if not token:
@@ -106,26 +119,19 @@ def _fernet_call(method: str, token: str) -> bytes:
 class EncryptedTextField(models.TextField):
     """A TextField whose column holds only ``fernet:`` ciphertext.
 
-    Python code sees plaintext. Assigning a value that is already a token
-    stores its plaintext re-encrypted, never a token of a token. Since every
+    The attribute holds what the column holds: ciphertext after a load,
+    never decrypted on the way (``crypto.reveal()`` gives the plaintext).
+    Assigning plaintext stores it encrypted at the next save; assigning a
+    token stores that token as it is, never a token of a token.  Since every
     encryption differs, filtering on this field's value finds nothing.
     """
 
-    def from_db_value(self, value, expression, connection):
-        return self.to_python(value)
-
-    def to_python(self, value):
-        # Rows written before encryption was added still hold plaintext; they
-        # are read as is and encrypted at their next save.
-        if is_encrypted(value):
-            return decrypt(value)
-        return super().to_python(value)
-
     def get_prep_value(self, value):
-        # TextField.get_prep_value calls to_python, which decrypts a token.
         value = super().get_prep_value(value)
-        return None if value is None else encrypt(value)
+        if value is None or is_encrypted(value):
+            return value
+        return encrypt(value)
 
     def value_to_string(self, obj):
-        # dumpdata: keep fixtures free of plaintext; loaddata decrypts via to_python.
+        # dumpdata: keep fixtures free of plaintext; loaddata keeps the token.
         return self.get_prep_value(self.value_from_object(obj))

@@ -13,26 +13,104 @@ import random
 import secrets
 from datetime import timedelta
 
-from django.db import models, transaction
+from django.apps import apps
+from django.db import models, router, transaction
 from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from djangoapp import ipc, protocol, transitions
+from djangoapp import crypto, ipc, protocol, submission, transitions
 from djangoapp.conf import hpc_settings
 from djangoapp.crypto import EncryptedTextField
-from djangoapp.transitions import JobStateError
+from djangoapp.files import FileList
+from djangoapp.shell import ClusterShell, CommandResult
+from djangoapp.transitions import JobStateError, model_receivers
 from hpc_agent.status import ACTIVE, JobStatus
 
-__all__ = ["HpcCluster", "HpcJob", "HpcJobStatusChange", "WebsocketToken", "JobStatus",
-           "JobStateError", "get_job_model"]
+__all__ = ["HpcCluster", "HpcJob", "HpcJobManager", "HpcJobStatusChange", "WebsocketToken",
+           "JobStatus", "JobStateError", "FileList", "CommandResult", "get_job_model",
+           "display_name"]
 
 log = logging.getLogger(__name__)
 
 
 def get_job_model():
-    """The job class named by ``HPC_JOB_CLASS`` (HpcJob or a subclass)."""
-    return import_string(hpc_settings.HPC_JOB_CLASS)
+    """The job class named by ``HPC_JOB_CLASS`` (HpcJob or a subclass).
+
+    Either a dotted import path (``"jobs.models.Job"``) or the short form
+    ``"app_label.ModelName"``, as ``AUTH_USER_MODEL`` is written.
+    """
+    name = hpc_settings.HPC_JOB_CLASS
+    if name.count(".") == 1:
+        try:
+            return apps.get_model(name, require_ready=False)
+        except (LookupError, ValueError):
+            pass  # a module.Class path after all
+    return import_string(name)
+
+
+def _require_job_class(cls):
+    """hpcd loads jobs through HPC_JOB_CLASS only: a job of another class
+    would never get a cluster from its own choose_cluster nor its hooks."""
+    job_model = get_job_model()
+    if not issubclass(cls, job_model):
+        raise TypeError(
+            f"a {cls.__name__} job cannot be submitted while HPC_JOB_CLASS is "
+            f"{job_model.__module__}.{job_model.__name__}: hpcd would never dispatch it. "
+            "Create jobs with djangoapp.models.get_job_model().")
+
+
+#: The words the seed project showed for each state (job_status_display).
+DISPLAY_NAMES = {
+    JobStatus.DRAFT: "Draft",
+    JobStatus.PENDING: "Pending",
+    JobStatus.SUBMITTING: "Submitting",
+    JobStatus.SUBMITTED: "Submitted",
+    JobStatus.QUEUED: "Queued",
+    JobStatus.RUNNING: "Running",
+    JobStatus.CANCELLING: "Cancelling",
+    JobStatus.CANCELLED: "Cancelled",
+    JobStatus.DELETING: "Deleting",
+    JobStatus.DELETED: "Deleted",
+    JobStatus.ERROR: "Error",
+    JobStatus.WALL_TIME_EXCEEDED: "Wall Time Exceeded",
+    JobStatus.OUT_OF_MEMORY: "Out of Memory",
+    JobStatus.COMPLETED: "Completed",
+}
+
+
+def display_name(status):
+    """The seed's display name of a state number; "Unknown" for any other value."""
+    try:
+        return DISPLAY_NAMES[JobStatus(status)]
+    except (ValueError, TypeError):
+        return "Unknown"
+
+
+if not hasattr(JobStatus, "display_name"):
+    # Portals call the seed's JobStatus.display_name(n).  The enum belongs
+    # to hpc_agent.status, where this method should live; until it does,
+    # the Django side attaches it (enum classes take new non-member names).
+    JobStatus.display_name = staticmethod(display_name)
+
+
+def _status_name(status):
+    return JobStatus(status).name if status is not None else "gone"
+
+
+def _notify_hpcd(job_id):
+    """Tell hpcd to act on a job now (0: scan for every job that needs it).
+
+    Fire and forget, with a short timeout: hpcd also scans periodically, so
+    a stopped or hung hpcd only delays the job and never blocks the caller
+    for more than HPC_IPC_NOTIFY_TIMEOUT.
+    """
+    try:
+        ipc.call(protocol.Dispatch, timeout=float(hpc_settings.HPC_IPC_NOTIFY_TIMEOUT),
+                 job_id=job_id)
+    except protocol.HpcdError as e:
+        what = f"job {job_id}" if job_id else "the submitted jobs"
+        log.info("%s will be dispatched when hpcd next scans: %s", what, e)
 
 
 class HpcClusterQuerySet(models.QuerySet):
@@ -95,16 +173,28 @@ class HpcCluster(models.Model):
     def is_connected(self):
         """The WebsocketToken of the live agent connection, or None.
 
-        Cheap: one round trip to hpcd over its Unix socket.  None too when
-        hpcd itself is not running, since then nothing is connected.
+        Cheap: one round trip to hpcd over its Unix socket and no database
+        query (hpcd answers the token's fields from memory; only its
+        ``token_hash`` is left to load on access).  None too when hpcd itself
+        is not running, since then nothing is connected.
         """
         try:
-            token_id = ipc.call(protocol.IsClusterOnline, cluster_id=self.pk)["token_id"]
+            answer = ipc.call(protocol.IsClusterOnline, cluster_id=self.pk)
         except ipc.HpcdUnavailable:
             return None
-        if not token_id:
+        if not answer["token_id"]:
             return None
-        return WebsocketToken.objects.filter(pk=token_id).first()
+        if answer.get("purpose") is None:
+            # An hpcd from before IsClusterOnline carried the token's fields.
+            return WebsocketToken.objects.filter(pk=answer["token_id"]).first()
+        values = {"id": answer["token_id"], "cluster_id": self.pk,
+                  "purpose": answer["purpose"], "created": answer["created"],
+                  "expires": answer["expires"], "used_at": answer["used_at"]}
+        fields = [f.attname for f in WebsocketToken._meta.concrete_fields if f.attname in values]
+        token = WebsocketToken.from_db(router.db_for_read(WebsocketToken), fields,
+                                       [values[name] for name in fields])
+        token.cluster = self
+        return token
 
     def try_connect(self, force=False):
         """Ask hpcd to start this cluster's agent unless it is online.
@@ -120,21 +210,28 @@ class HpcCluster(models.Model):
 
         With ``ui_id`` the path is relative to that job's working directory;
         without, it must lie in a directory the agent's settings allow.
+        The result is a :class:`FileList`: a list of those dicts that can
+        also be read the way the seed's GET_FILE_TREE message was.
         """
         files = ipc.call(protocol.ListFiles, cluster_id=self.pk, job_id=ui_id, path=path,
                          recursive=recursive)["files"]
-        return [{"path": p, "is_dir": d, "size": s} for p, d, s in files]
+        return FileList({"path": p, "is_dir": d, "size": s} for p, d, s in files)
 
-    def fetch_remote_file(self, path, ui_id=None, force_download=True):
+    def fetch_remote_file(self, path, ui_id=None, force_download=True, extra_params=None):
         """A StreamingHttpResponse of a file on the cluster.
 
-        With ``ui_id`` the path is relative to that job's working directory;
-        without, it is an absolute path in a directory the agent's settings
-        allow.  The bytes stream from the agent through hpcd with flow control
-        end to end, so memory use does not grow with the file's size.
+        With ``ui_id`` the path is relative to that job's working directory
+        (a leading ``/`` is ignored, as in the seed); without, it is an
+        absolute path in a directory the agent's settings allow.  The bytes
+        stream from the agent through hpcd with flow control end to end, so
+        memory use does not grow with the file's size.  ``extra_params`` (any
+        JSON value) is handed to the agent's scheduler's ``file_send_start``
+        and ``file_send_end``, e.g. to build an archive on the fly.
         """
-        response, chunks = ipc.open_stream(protocol.FetchFile, cluster_id=self.pk,
-                                           job_id=ui_id, path=path)
+        arguments = {"cluster_id": self.pk, "job_id": ui_id, "path": path}
+        if extra_params is not None:
+            arguments["extra_params"] = extra_params
+        response, chunks = ipc.open_stream(protocol.FetchFile, **arguments)
         name = response["name"]
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         http = StreamingHttpResponse(chunks, content_type=content_type)
@@ -153,8 +250,23 @@ class HpcCluster(models.Model):
             with cluster.get_ssh_connection() as ssh:
                 result = ssh.exec_command("squeue --me", timeout=30)
                 result.exit_status, result.stdout, result.stderr
+
+        The seed handed out a paramiko connection; its idiom works too::
+
+            stdin, stdout, stderr = ssh.exec_command("squeue --me")
+            stdout.read(), stdout.channel.recv_exit_status()
         """
         return ClusterShell(self)
+
+    def credentials(self):
+        """The decrypted ``{"key", "password"}``.
+
+        Only hpcd's launcher and the key rotation command need them: loading
+        or listing clusters never decrypts, so a changed HPC_CREDENTIAL_KEYS
+        breaks only the logins it must.  Raises CredentialKeyError, whose
+        message names what to fix, when a value cannot be decrypted.
+        """
+        return {"key": crypto.reveal(self.key), "password": crypto.reveal(self.password)}
 
     def fetch_host_keys(self):
         """The SSH host keys the cluster's server offers now, to check before
@@ -167,65 +279,72 @@ class HpcCluster(models.Model):
         self.save(update_fields=["host_key"])
 
 
-class CommandResult:
-    """What a command run by :class:`ClusterShell` left behind."""
-
-    def __init__(self, exit_status, stdout, stderr, signal=None):
-        self.exit_status = exit_status
-        self.stdout = stdout
-        self.stderr = stderr
-        self.signal = signal
-
-    def __repr__(self):
-        return f"<CommandResult exit_status={self.exit_status} signal={self.signal}>"
-
-
-class ClusterShell:
-    """Runs commands on a cluster through hpcd (see get_ssh_connection)."""
-
-    def __init__(self, cluster):
-        self.cluster = cluster
-        self._shell_id = ipc.call(protocol.OpenShell, cluster_id=cluster.pk, timeout=120)[
-            "shell_id"]
-
-    def exec_command(self, command, stdin=b"", timeout=60):
-        """Run ``command`` with a shell; returns a CommandResult (a non-zero
-        exit status is a result, not an exception)."""
-        if self._shell_id is None:
-            raise protocol.NotFound("this connection is closed")
-        if isinstance(stdin, str):
-            stdin = stdin.encode()
-        # The socket waits for the command plus a margin for hpcd's own work.
-        answer = ipc.call(protocol.RunCommand, timeout=float(timeout) + 30,
-                          shell_id=self._shell_id, command=command, stdin=stdin,
-                          timeout_seconds=float(timeout))
-        return CommandResult(answer["exit_status"], answer["stdout"], answer["stderr"],
-                             answer["signal"])
-
-    def close(self):
-        if self._shell_id is not None:
-            shell_id, self._shell_id = self._shell_id, None
-            ipc.call(protocol.CloseShell, shell_id=shell_id)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
 def _attachment(name):
     safe = name.replace("\\", "_").replace('"', "_")
     return f'attachment; filename="{safe}"'
+
+
+class HpcJobManager(models.Manager):
+    """The manager of HpcJob and, inherited, of its subclasses.
+
+    A job class that declares its own manager derives it from this one to
+    keep :meth:`submit_many`.
+    """
+
+    def submit_many(self, jobs):
+        """Submit many jobs in one transaction, with one notification to hpcd.
+
+        ``jobs``: ``(job, parameters)`` pairs, each job a DRAFT of this
+        manager's class, saved or not (unsaved ones are inserted already
+        PENDING).  As :meth:`HpcJob.submit` does for one: a job keeps the
+        cluster it has, or gets its ``choose_cluster(parameters)``.  All or
+        nothing: a job that is not a DRAFT raises JobStateError and none is
+        submitted.  Returns the jobs, PENDING.
+
+        With ``pre_save``/``post_save`` receivers connected for the class,
+        each job is saved through the model so that they see it (slower);
+        otherwise rows are written in bulk, a few statements per 500 jobs.
+        """
+        model = self.model
+        pairs = [(job, parameters) for job, parameters in jobs]
+        for job, _ in pairs:
+            if not isinstance(job, model):
+                raise TypeError(f"submit_many() of {model.__name__} was given {job!r}")
+        _require_job_class(model)
+        choose = submission.cluster_chooser(model)
+        for job, parameters in pairs:
+            if job.cluster_id is None:
+                job.cluster = choose(job, parameters)
+        with transaction.atomic(using=self.db):
+            if model_receivers(model):
+                for job, parameters in pairs:
+                    job._submit_through_model(parameters)
+            else:
+                now = timezone.now()
+                saved = [p for p in pairs if p[0].pk is not None]
+                submission.insert_pending(model, [p for p in pairs if p[0].pk is None], now,
+                                          self.db)
+                submission.update_pending(saved, now)
+                transitions.insert_history([
+                    transitions.Change(job.pk, JobStatus.DRAFT, JobStatus.PENDING, "", "django")
+                    for job, _ in pairs], now)
+            if pairs:
+                transaction.on_commit(lambda: _notify_hpcd(0), using=self.db)
+        return [job for job, _ in pairs]
 
 
 class HpcJob(models.Model):
     """A batch job; subclass it and name the subclass in ``HPC_JOB_CLASS``.
 
     The public API is :meth:`submit`, :meth:`cancel`, :meth:`delete_job`,
-    :meth:`fetch_remote_file_list`, :meth:`fetch_remote_file` and the
-    overridable :meth:`choose_cluster`.  ``job_status`` is written only through
-    :func:`djangoapp.transitions.apply`, which enforces the transition table.
+    :meth:`fetch_remote_file_list`, :meth:`fetch_remote_file`,
+    ``objects.submit_many`` and the overridable :meth:`choose_cluster` and
+    :meth:`on_status_change`.  ``job_status`` is written only through
+    :mod:`djangoapp.transitions`, which enforces the transition table.
+
+    Subclasses may define ``status``, ``name``, ``description``, ``user``
+    or the like as they please: this class's own code reads only its
+    ``job_*`` fields.
     """
 
     cluster = models.ForeignKey(
@@ -248,17 +367,26 @@ class HpcJob(models.Model):
     job_running_time = models.DateTimeField(null=True, blank=True)
     job_finished_time = models.DateTimeField(null=True, blank=True)
 
+    objects = HpcJobManager()
+
     class Meta:
         verbose_name = "HPC job"
         ordering = ["-id"]
         indexes = [models.Index(fields=["cluster", "job_status"])]
 
     def __str__(self):
-        return f"job {self.pk} ({self.status.name})"
+        return f"job {self.pk} ({_status_name(self.job_status)})"
 
     @property
     def status(self):
+        """The state as a JobStatus (a subclass may redefine ``status``; this
+        class never reads it)."""
         return JobStatus(self.job_status)
+
+    @property
+    def job_status_display(self):
+        """The state in the seed's words ("Wall Time Exceeded")."""
+        return display_name(self.job_status)
 
     def history(self):
         """This job's state changes, oldest first."""
@@ -286,22 +414,34 @@ class HpcJob(models.Model):
 
         The job becomes PENDING and hpcd dispatches it at once if its cluster
         is online, or when it comes online: submit never fails because hpcd or
-        the cluster is down.  Returns the job's status.
+        the cluster is down, nor waits for it.  A job whose ``cluster`` is set
+        stays on it; otherwise ``choose_cluster`` picks.  Only a DRAFT job can
+        be submitted (JobStateError).  Returns the job's status.
         """
+        _require_job_class(type(self))
         if self.pk is None:
             self.save()
-        with transaction.atomic():
-            current = type(self).objects.select_for_update().get(pk=self.pk)
-            if current.job_status != JobStatus.DRAFT:
-                raise JobStateError(f"job {self.pk} is {current.status.name}; only a DRAFT job "
-                                    "can be submitted (create a new job to run again)")
-            self.job_parameters = parameters
+        if self.cluster_id is None:
             self.cluster = self.choose_cluster(parameters)
-            self.save(update_fields=["job_parameters", "cluster"])
-            transitions.apply(self.pk, JobStatus.PENDING, "django")
-            transaction.on_commit(self._notify_hpcd)
-        self.refresh_from_db()
-        return self.status
+        if model_receivers(type(self)):
+            self._submit_through_model(parameters)
+        else:
+            applied, old = transitions.apply(
+                self.pk, JobStatus.PENDING, "django", instance=self,
+                extra={"job_parameters": parameters, "cluster_id": self.cluster_id})
+            if not applied:
+                raise JobStateError(_not_a_draft(self.pk, old))
+        transaction.on_commit(self._notify_hpcd)
+        return JobStatus.PENDING
+
+    def _submit_through_model(self, parameters):
+        if self.pk is None:
+            self.save()
+        applied, old = transitions.apply(
+            self.pk, JobStatus.PENDING, "django", instance=self,
+            extra={"job_parameters": parameters, "cluster_id": self.cluster_id})
+        if not applied:
+            raise JobStateError(_not_a_draft(self.pk, old))
 
     def cancel(self):
         """Stop the job.  A job never sent to a cluster is CANCELLED at once; a
@@ -314,14 +454,14 @@ class HpcJob(models.Model):
                 return JobStatus.CANCELLING
             return None
 
-        applied, old = transitions.apply(self.pk, None, "django", decide=decide)
-        self.refresh_from_db()
-        if applied and self.status == JobStatus.CANCELLING:
-            transaction.on_commit(self._notify_hpcd)
-        elif not applied and old not in (JobStatus.CANCELLING, JobStatus.CANCELLED):
-            raise JobStateError(f"job {self.pk} is {old.name if old is not None else 'gone'} "
-                                "and cannot be cancelled")
-        return self.status
+        applied, old = transitions.apply(self.pk, None, "django", decide=decide, instance=self)
+        if applied:
+            if self.job_status == JobStatus.CANCELLING:
+                transaction.on_commit(self._notify_hpcd)
+            return JobStatus(self.job_status)
+        if old in (JobStatus.CANCELLING, JobStatus.CANCELLED):
+            return old
+        raise JobStateError(f"job {self.pk} is {_status_name(old)} and cannot be cancelled")
 
     def delete_job(self):
         """Remove the job's data on the cluster.  The job must have finished;
@@ -331,21 +471,18 @@ class HpcJob(models.Model):
                 return JobStatus.DELETED
             return JobStatus.DELETING
 
-        applied, old = transitions.apply(self.pk, None, "django", decide=decide)
-        self.refresh_from_db()
-        if applied and self.status == JobStatus.DELETING:
-            transaction.on_commit(self._notify_hpcd)
-        elif not applied and old not in (JobStatus.DELETING, JobStatus.DELETED):
-            raise JobStateError(f"job {self.pk} is {old.name if old is not None else 'gone'}: "
-                                "only a finished job can be deleted (cancel it first)")
-        return self.status
+        applied, old = transitions.apply(self.pk, None, "django", decide=decide, instance=self)
+        if applied:
+            if self.job_status == JobStatus.DELETING:
+                transaction.on_commit(self._notify_hpcd)
+            return JobStatus(self.job_status)
+        if old in (JobStatus.DELETING, JobStatus.DELETED):
+            return old
+        raise JobStateError(f"job {self.pk} is {_status_name(old)}: only a finished job can "
+                            "be deleted (cancel it first)")
 
     def _notify_hpcd(self):
-        # hpcd also scans for work periodically; this only saves the wait.
-        try:
-            ipc.call(protocol.Dispatch, job_id=self.pk)
-        except protocol.HpcdError as e:
-            log.info("job %s will be dispatched when hpcd next scans: %s", self.pk, e)
+        _notify_hpcd(self.pk)
 
     def _require_cluster(self):
         if self.cluster_id is None:
@@ -354,14 +491,22 @@ class HpcJob(models.Model):
 
     def fetch_remote_file_list(self, path="/", recursive=True):
         """The job's files below ``path`` (relative to its working directory):
-        ``[{"path", "is_dir", "size"}, ...]``."""
+        a :class:`FileList` of ``{"path", "is_dir", "size"}``."""
         return self._require_cluster().fetch_remote_file_list(path, recursive, ui_id=self.pk)
 
-    def fetch_remote_file(self, path, force_download=True):
+    def fetch_remote_file(self, path, force_download=True, extra_params=None):
         """A StreamingHttpResponse of one of the job's files (a path relative
-        to its working directory)."""
-        return self._require_cluster().fetch_remote_file(path, ui_id=self.pk,
-                                                         force_download=force_download)
+        to its working directory; a leading ``/`` is ignored).
+        ``extra_params``: see :meth:`HpcCluster.fetch_remote_file`."""
+        return self._require_cluster().fetch_remote_file(
+            path, ui_id=self.pk, force_download=force_download, extra_params=extra_params)
+
+
+def _not_a_draft(job_id, old):
+    if old is None:
+        return f"job {job_id} does not exist (was it deleted?)"
+    return (f"job {job_id} is {_status_name(old)}; only a DRAFT job can be submitted "
+            "(create a new job to run again)")
 
 
 class HpcJobStatusChange(models.Model):

@@ -77,18 +77,31 @@ ERROR_CLASSES = {code: cls for cls, code in _ERRORS.items()}
 
 
 class Bytes(amp.Argument):
-    """Bytes of any length, split over AMP keys like :class:`JSONValue`."""
+    """Bytes of any length, split over AMP keys like :class:`JSONValue`.
+
+    ``optional=True``: None is not sent, and an absent value is left out of
+    the receiver's arguments (not passed as None, as AMP's own optional
+    arguments are), so a new optional argument reaches only responders
+    that declare it, with a default, and breaks none written before it.
+    """
 
     PART = 60000
 
     def toBox(self, name, strings, objects, proto):
-        data = objects.pop(_identifier(name))
+        data = objects.pop(_identifier(name), None)
+        if data is None and self.optional:
+            return
+        self._split(name, strings, data)
+
+    def _split(self, name, strings, data):
         parts = [data[i:i + self.PART] for i in range(0, len(data), self.PART)] or [b""]
         strings[name] = str(len(parts)).encode()
         for i, part in enumerate(parts):
             strings[name + b"." + str(i).encode()] = part
 
     def fromBox(self, name, strings, objects, proto):
+        if self.optional and name not in strings:
+            return
         count = int(strings.pop(name))
         objects[_identifier(name)] = b"".join(
             strings.pop(name + b"." + str(i).encode()) for i in range(count))
@@ -99,17 +112,19 @@ class JSONValue(Bytes):
 
     AMP limits one value to 65,535 bytes; a file list can be far longer.
     The value is stored as ``name`` = number of parts and ``name.0``,
-    ``name.1``, ... = the parts.
+    ``name.1``, ... = the parts.  ``optional=True`` as for :class:`Bytes`.
     """
 
     def toBox(self, name, strings, objects, proto):
-        value = objects[_identifier(name)]
-        objects[_identifier(name)] = json.dumps(value, separators=(",", ":")).encode()
-        super().toBox(name, strings, objects, proto)
+        value = objects.pop(_identifier(name), None)
+        if value is None and self.optional:
+            return
+        self._split(name, strings, json.dumps(value, separators=(",", ":")).encode())
 
     def fromBox(self, name, strings, objects, proto):
         super().fromBox(name, strings, objects, proto)
-        objects[_identifier(name)] = json.loads(objects[_identifier(name)])
+        if _identifier(name) in objects:
+            objects[_identifier(name)] = json.loads(objects[_identifier(name)])
 
 
 def _identifier(name):
@@ -117,10 +132,16 @@ def _identifier(name):
 
 
 class IsClusterOnline(amp.Command):
-    """The id of the WebsocketToken of the cluster's live connection, or 0."""
+    """The WebsocketToken of the cluster's live connection: its id (0: none)
+    and, so that is_connected() needs no query, its other fields from hpcd's
+    memory (absent from an hpcd that predates them)."""
 
     arguments = [(b"cluster_id", amp.Integer())]
-    response = [(b"token_id", amp.Integer())]
+    response = [(b"token_id", amp.Integer()),
+                (b"purpose", amp.Unicode(optional=True)),
+                (b"created", amp.DateTime(optional=True)),
+                (b"expires", amp.DateTime(optional=True)),
+                (b"used_at", amp.DateTime(optional=True))]
 
 
 class TryConnect(amp.Command):
@@ -132,7 +153,8 @@ class TryConnect(amp.Command):
 
 
 class Dispatch(amp.Command):
-    """A job changed (submitted, cancelled, deleted): act on it now."""
+    """A job changed (submitted, cancelled, deleted): act on it now.
+    ``job_id`` 0: many did (submit_many); scan for every job that needs it."""
 
     arguments = [(b"job_id", amp.Integer())]
     response = []
@@ -157,10 +179,12 @@ TRAILER_SIZE = len(TRAILER_OK) + 32
 
 class FetchFile(amp.ProtocolSwitchCommand):
     """Stream a file: the answer carries its size, then the connection
-    carries exactly that many bytes, the trailer, and closes."""
+    carries exactly that many bytes, the trailer, and closes.  ``extra_params``
+    (any JSON value, absent when not given) goes to the agent's scheduler's
+    file_send_start/file_send_end."""
 
     arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer(optional=True)),
-                 (b"path", amp.Unicode())]
+                 (b"path", amp.Unicode()), (b"extra_params", JSONValue(optional=True))]
     response = [(b"size", amp.Integer()), (b"name", amp.Unicode())]
     errors = _ERRORS
 

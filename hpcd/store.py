@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from djangoapp import transitions
+from djangoapp.conf import hpc_settings
 from djangoapp.models import HpcCluster, HpcJob, WebsocketToken, get_job_model
 from hpc_agent.status import NEEDS_DISPATCH, JobStatus
 
@@ -52,7 +53,7 @@ def cluster_thd(cluster_id):
     if c is None:
         return None
     return {**{f: getattr(c, f) for f in _CLUSTER_FIELDS}, "username": c.username,
-            "key": c.key, "password": c.password, "host_key": c.host_key}
+            **c.credentials(), "host_key": c.host_key}
 
 
 def mark_all_offline_thd(resume_ttl):
@@ -107,11 +108,14 @@ def check_token_thd(secret, purposes):
 
 
 def claim_token_thd(secret, purposes):
-    """``{"token_id", "cluster_id", "purpose"}`` for a valid token, spending it."""
+    """``{"token_id", "cluster_id", "purpose", "created", "expires", "used_at"}``
+    for a valid token, spending it.  The times let IsClusterOnline answer the
+    whole token from memory (is_connected() makes no query)."""
     row = WebsocketToken.objects.claim(secret, purposes)
     if row is None:
         return None
-    return {"token_id": row.pk, "cluster_id": row.cluster_id, "purpose": row.purpose}
+    return {"token_id": row.pk, "cluster_id": row.cluster_id, "purpose": row.purpose,
+            "created": row.created, "expires": row.expires, "used_at": row.used_at}
 
 
 def token_cluster_thd(token_id):
@@ -130,84 +134,147 @@ def purge_tokens_thd(keep_ids, older_than_seconds=86400):
 
 # -- jobs ------------------------------------------------------------------------
 
-def _assign_clusters_thd(job_ids):
+# Where the last bounded round of cluster choices stopped: the next one
+# starts after it, so every waiting job gets its turn.
+_assign_after = 0
+
+
+def _assign_clusters_thd(job_ids, limit=None):
     """PENDING jobs without a cluster get one from the job class's own
-    choose_cluster(), now that some cluster may be online."""
+    choose_cluster(), now that some cluster may be online; returns
+    ``{job_id: cluster_id}`` of those that got one.
+
+    At most ``limit`` (HPC_DISPATCH_ASSIGN_LIMIT) jobs are asked per call,
+    in turn.  A row that is not one of HPC_JOB_CLASS (created as a plain
+    HpcJob while the setting names a subclass) can never be asked: it ends
+    in ERROR saying so, instead of being fetched again by every scan.
+    """
+    global _assign_after
+    limit = limit or int(hpc_settings.HPC_DISPATCH_ASSIGN_LIMIT)
+    ids = sorted(job_ids)
+    turn = ([i for i in ids if i > _assign_after] + [i for i in ids if i <= _assign_after])
+    turn = turn[:limit]
+    if not turn:
+        return {}
+    _assign_after = turn[-1]
     model = get_job_model()
-    for job in model.objects.filter(pk__in=job_ids, cluster__isnull=True,
-                                    job_status=JobStatus.PENDING):
-        cluster = job.choose_cluster(job.job_parameters)
-        if cluster is not None:
-            HpcJob.objects.filter(pk=job.pk, cluster__isnull=True).update(cluster=cluster)
+    jobs = model._base_manager.in_bulk(turn)
+    assigned = {}
+    for job in (jobs[i] for i in turn if i in jobs):
+        if job.job_status != JobStatus.PENDING or job.cluster_id is not None:
+            continue
+        try:
+            cluster = job.choose_cluster(job.job_parameters)
+        except Exception:
+            log.failure("{model}.choose_cluster failed for job {job}", model=model.__name__,
+                        job=job.pk)
+            continue
+        if cluster is not None and HpcJob.objects.filter(
+                pk=job.pk, cluster__isnull=True).update(cluster=cluster):
+            assigned[job.pk] = cluster.pk
+    for job_id in sorted(set(turn) - set(jobs)):
+        applied, _ = transitions.apply(
+            job_id, JobStatus.ERROR, "hpcd", robust=True, detail=(
+                f"job {job_id} was created as a plain HpcJob, but HPC_JOB_CLASS is "
+                f"{model._meta.label}: hpcd loads jobs only through that class, so nothing "
+                "can choose its cluster. Create jobs with djangoapp.models.get_job_model()."))
+        if applied:
+            log.warn("job {job} is not a {model}; it ended in ERROR", job=job_id,
+                     model=model._meta.label)
+    return assigned
 
 
 def work_thd(job_id=None):
-    """Jobs hpcd owes a message to: ``[{"job", "status", "cluster_id", "parameters"}]``."""
+    """Jobs hpcd owes a message to: ``[{"job", "status", "cluster_id", "parameters"}]``.
+
+    ``job_id`` None or 0: every such job (a scan); otherwise that job only.
+    One query, plus a bounded round of cluster choices for jobs without one.
+    """
     jobs = HpcJob.objects.filter(job_status__in=[int(s) for s in NEEDS_DISPATCH])
-    if job_id is not None:
+    if job_id:
         jobs = jobs.filter(pk=job_id)
-    orphans = list(jobs.filter(cluster__isnull=True).values_list("pk", flat=True))
-    if orphans:
-        _assign_clusters_thd(orphans)
-    return [{"job": pk, "status": JobStatus(status), "cluster_id": cluster_id,
+    rows = list(jobs.order_by("pk").values_list("pk", "job_status", "cluster_id",
+                                                "job_parameters"))
+    orphans = [pk for pk, status, cluster_id, _ in rows
+               if cluster_id is None and status == JobStatus.PENDING]
+    assigned = _assign_clusters_thd(orphans) if orphans else {}
+    return [{"job": pk, "status": JobStatus(status), "cluster_id": cluster_id or assigned[pk],
              "parameters": parameters}
-            for pk, status, cluster_id, parameters in jobs.exclude(cluster__isnull=True)
-            .order_by("pk").values_list("pk", "job_status", "cluster_id", "job_parameters")]
+            for pk, status, cluster_id, parameters in rows
+            if cluster_id is not None or pk in assigned]
 
 
 def transition_thd(job_id, new, detail=""):
-    applied, _ = transitions.apply(job_id, new, "hpcd", detail)
+    applied, _ = transitions.apply(job_id, new, "hpcd", detail, robust=True)
     return applied
+
+
+def transition_many_thd(job_ids, new, detail=""):
+    """Move many jobs to ``new`` in one transaction, each by the transition
+    table (for the dispatcher: PENDING -> SUBMITTING for a whole scan, a few
+    statements instead of two per job); returns the ids of those moved."""
+    new = JobStatus(new)
+    changes, _ = transitions.apply_batch(
+        [{"job": job_id, "status": new, "detail": detail, "scheduler_id": None}
+         for job_id in job_ids], "hpcd")
+    return [change.job for change in changes]
 
 
 def apply_updates_thd(cluster_id, updates):
     """Apply an agent's updates in one transaction; returns the seqs to ack.
 
+    Batched (transitions.apply_batch): a constant number of statements per
+    batch, one history row per applied change, each a compare-and-set.
     Idempotent: a replayed or stale update is refused by the transition
     table and acknowledged all the same, so the agent stops resending it.
     An update about a job of another cluster is refused and logged: an
     agent speaks only for its own cluster.
     """
-    owners = dict(HpcJob.objects.filter(pk__in={u["job"] for u in updates})
-                  .values_list("pk", "cluster_id"))
-    acked, changes = [], []
-    with transaction.atomic():
-        for u in updates:
-            if owners.get(u["job"]) != cluster_id:
-                log.warn("cluster {cluster} reported on job {job}, which is not its own; "
-                         "ignored", cluster=cluster_id, job=u["job"])
-            else:
-                try:
-                    status = JobStatus(u["status"])
-                except ValueError:
-                    log.warn("job {job}: unknown status {status} ignored", job=u["job"],
-                             status=u["status"])
-                else:
-                    extra = {"remote_job_id": u["scheduler_id"]} if u["scheduler_id"] else None
-                    applied, old = transitions.apply(u["job"], status, "agent", u["detail"],
-                                                     extra=extra)
-                    if applied:
-                        changes.append((u["job"], old, status, u["detail"]))
-            acked.append(u["seq"])
+    valid = []
+    for u in updates:
+        try:
+            valid.append({**u, "status": JobStatus(u["status"])})
+        except ValueError:
+            log.warn("job {job}: unknown status {status} ignored", job=u["job"],
+                     status=u["status"])
+    changes, refused = transitions.apply_batch(valid, "agent", cluster_id=cluster_id)
+    for job in sorted(set(refused)):
+        log.warn("cluster {cluster} reported on job {job}, which is not its own; ignored",
+                 cluster=cluster_id, job=job)
     _notify_job_class(changes)
-    return acked
+    return [u["seq"] for u in updates]
 
 
 def _notify_job_class(changes):
     """Call the job class's on_status_change() for each stored change.
 
     After the commit, and each on its own: a hook that fails is logged and
-    changes nothing (the state is stored and acknowledged already).
+    changes nothing (the state is stored and acknowledged already).  The
+    jobs are loaded in one query, and only when the class overrides the
+    hook; a job changed twice is reloaded before its second call.
     """
     model = get_job_model()
-    for job_id, old, new, detail in changes:
+    if not changes or model.on_status_change is HpcJob.on_status_change:
+        return
+    try:
+        jobs = model._base_manager.in_bulk(list({c.job for c in changes}))
+    except Exception:
+        log.failure("loading {n} jobs for {model}.on_status_change failed", n=len(changes),
+                    model=model.__name__)
+        return
+    called = set()
+    for change in changes:
+        job = jobs.get(change.job)
+        if job is None:
+            continue
         try:
-            job = model.objects.filter(pk=job_id).first()
-            if job is not None:
-                job.on_status_change(old, new, detail)
+            if change.job in called:
+                job.refresh_from_db()
+            called.add(change.job)
+            job.on_status_change(change.old, change.new, change.detail)
         except Exception:
             log.failure("{model}.on_status_change failed for job {job}",
-                        model=model.__name__, job=job_id)
+                        model=model.__name__, job=change.job)
 
 
 #: A connection idle this long is checked (``SELECT 1``) before its next use.
@@ -323,6 +390,9 @@ class Store(service.Service):
 
     def transition(self, job_id, new, detail=""):
         return self.run(transition_thd, job_id, new, detail)
+
+    def transition_many(self, job_ids, new, detail=""):
+        return self.run(transition_many_thd, job_ids, new, detail)
 
     def apply_updates(self, cluster_id, updates):
         return self.run(apply_updates_thd, cluster_id, updates)

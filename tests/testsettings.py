@@ -22,6 +22,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "djangoapp",
     "testjobs",
+    "seedportal",
 ]
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",

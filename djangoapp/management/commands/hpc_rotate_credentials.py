@@ -19,14 +19,20 @@ class Command(BaseCommand):
         if generate_key:
             self.stdout.write(crypto.generate_key())
             return
-        try:
-            with transaction.atomic():
-                clusters = list(HpcCluster.objects.select_for_update())
-                # Loading decrypts with whichever key fits; saving encrypts
-                # with the first one.
-                for cluster in clusters:
-                    cluster.save(update_fields=["key", "password"])
-        except crypto.CredentialKeyError as e:
-            raise CommandError(str(e)) from None
+        with transaction.atomic():
+            clusters = list(HpcCluster.objects.select_for_update())
+            for cluster in clusters:
+                try:
+                    # Each token is re-encrypted under the first key by
+                    # whichever key fits; a value stored before encryption
+                    # existed is encrypted now.
+                    for name in ("key", "password"):
+                        stored = getattr(cluster, name)
+                        setattr(cluster, name, crypto.rotate(stored) if crypto.is_encrypted(
+                            stored) else crypto.encrypt(stored))
+                except crypto.CredentialKeyError as e:
+                    raise CommandError(f"cluster {cluster.pk} ({cluster}): {e} "
+                                       "Nothing was re-encrypted.") from None
+                cluster.save(update_fields=["key", "password"])
         self.stdout.write(self.style.SUCCESS(
             f"re-encrypted the credentials of {len(clusters)} clusters under the first key"))

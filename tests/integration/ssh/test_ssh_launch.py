@@ -150,7 +150,7 @@ def test_credentials_are_encrypted_at_rest_and_survive_key_rotation(
     call_command("hpc_rotate_credentials", stdout=open(os.devnull, "w"))
     settings.HPC_CREDENTIAL_KEYS = [new_key]
     rotated = HpcCluster.objects.get(pk=cluster.pk)
-    assert rotated.key == secret_key and rotated.password == "ecdsa-pass"
+    assert rotated.credentials() == {"key": secret_key, "password": "ecdsa-pass"}
     with connection.cursor() as cursor:
         cursor.execute("SELECT key FROM djangoapp_hpccluster WHERE id = %s", [cluster.pk])
         assert cursor.fetchone()[0] != stored_key

@@ -33,7 +33,7 @@ def test_saving_the_form_with_empty_credentials_keeps_them(admin_client):
         "password": "", "host_key": "", "client_path": "/srv/b", "enabled": "on"})
     assert response.status_code == 302, response.content[:2000]
     cluster.refresh_from_db()
-    assert cluster.password == "kept" and cluster.client_path == "/srv/b"
+    assert cluster.credentials()["password"] == "kept" and cluster.client_path == "/srv/b"
     admin_client.post(f"/admin/djangoapp/hpccluster/{cluster.pk}/change/", {
         "host_name": "hpc.example.org", "port": 22, "username": "u", "key": "",
         "password": "", "clear_credentials": "on", "host_key": "", "client_path": "/srv/b",
@@ -47,3 +47,9 @@ def test_job_state_fields_are_read_only_in_the_admin(admin_client):
     page = admin_client.get(f"/admin/djangoapp/hpcjob/{job.pk}/change/").content.decode()
     assert 'name="job_status"' not in page
     assert "Running" in page
+
+
+def test_jobs_are_added_in_the_admin_only_as_the_job_class(admin_client, settings):
+    assert admin_client.get("/admin/djangoapp/hpcjob/add/").status_code == 200
+    settings.HPC_JOB_CLASS = "seedportal.Job"
+    assert admin_client.get("/admin/djangoapp/hpcjob/add/").status_code == 403

@@ -5,7 +5,11 @@ import io
 from django.core.management import call_command
 
 
-def test_makemigrations_finds_nothing_to_do(db):
+import pytest
+
+
+@pytest.mark.parametrize("app", ["djangoapp", "testjobs", "seedportal"])
+def test_makemigrations_finds_nothing_to_do(db, app):
     out = io.StringIO()
-    call_command("makemigrations", "djangoapp", "--check", "--dry-run", stdout=out)
+    call_command("makemigrations", app, "--check", "--dry-run", stdout=out)
     assert "No changes detected" in out.getvalue()
