@@ -30,22 +30,20 @@ class AgentServerProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request):
         if request.path not in ("/agent", "/file"):
-            raise ConnectionDeny(404, "unknown path")
+            raise _refused(request, 404, "unknown path")
         auth = request.headers.get("authorization", "")
         scheme, _, secret = auth.partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
-            raise ConnectionDeny(401, "a bearer token is required")
+            raise _refused(request, 401, "a bearer token is required")
         if len(secret) > MAX_TOKEN_LENGTH:
-            raise ConnectionDeny(403, "invalid token")
+            raise _refused(request, 403, "invalid token")
         purposes = ("agent", "resume") if request.path == "/agent" else ("file",)
         d = self.factory.daemon.store.claim_token(secret, purposes)
 
         def check(claim):
             if claim is None:
-                log.warn("refused a connection to {path} from {peer}: invalid, used or "
-                         "expired token", path=request.path, peer=request.peer)
-                raise ConnectionDeny(403, "invalid, used or expired token")
+                raise _refused(request, 403, "invalid, used or expired token")
             self.claim = claim
             self.path = request.path
             if request.path == "/file":
@@ -76,6 +74,13 @@ class AgentServerProtocol(WebSocketServerProtocol):
 
     def send_frame(self, frame):
         self.sendMessage(frame, isBinary=False)
+
+
+def _refused(request, code, reason):
+    """Log a refused connection (counted by reason in /metrics) and say no."""
+    log.warn("refused a connection to {path} from {peer}: {reason}", path=request.path,
+             peer=request.peer, reason=reason, hpc_event="connection_refused")
+    return ConnectionDeny(code, reason)
 
 
 def server_factory(daemon, url):
@@ -127,21 +132,24 @@ class AgentSession:
 
     def message(self, payload, is_binary):
         if is_binary:
-            self.send(wire.encode("error", code="bad_frame",
-                                  message="binary frames belong on /file connections"))
+            self._refuse(wire.ProtocolError("bad_frame",
+                                            "binary frames belong on /file connections"))
             return
         try:
             message = wire.decode(payload, accept=wire.FROM_AGENT - {
                 "file_header", "file_end", "file_error"})
         except wire.ProtocolError as e:
-            log.warn("cluster {id}: refused a frame: {error}", id=self.cluster_id,
-                     error=e.message)
-            self.send(wire.error_frame(e))
+            self._refuse(e)
             return
         if not self.ready and message["type"] != "hello":
-            self.send(wire.encode("error", code="not_ready", message="say hello first"))
+            self._refuse(wire.ProtocolError("not_ready", "say hello first"))
             return
         self._handlers[message["type"]](message)
+
+    def _refuse(self, error):
+        log.warn("cluster {cluster}: refused a frame: {error}", cluster=self.cluster_id,
+                 error=error.message, hpc_event="input_refused", reason=error.code)
+        self.send(wire.error_frame(error))
 
     def _on_hello(self, message):
         if self.hello is not None:

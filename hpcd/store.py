@@ -7,9 +7,11 @@ return Deferreds.  Each call closes stale connections before and after, and
 hands back plain values, never querysets or model instances.
 """
 
+import time
 from datetime import timedelta
 
-from django.db import close_old_connections, transaction
+from django.db import close_old_connections, connection, transaction
+from django.db.models import Count
 from django.utils import timezone
 from twisted.application import service
 from twisted.internet import threads
@@ -19,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from djangoapp import transitions
 from djangoapp.models import HpcCluster, HpcJob, WebsocketToken, get_job_model
 from hpc_agent.status import NEEDS_DISPATCH, JobStatus
+from hpcd.metrics import DatabaseStats
 
 log = Logger()
 
@@ -156,9 +159,22 @@ def apply_updates_thd(cluster_id, updates):
                                                      extra=extra)
                     if applied:
                         changes.append((u["job"], old, status, u["detail"]))
+                    log_update(cluster_id, u["job"], applied, old, status, u["detail"])
             acked.append(u["seq"])
     _notify_job_class(changes)
     return acked
+
+
+def log_update(cluster_id, job_id, applied, old, new, detail):
+    """One line per state change an agent reported; a refused one says why
+    (an update the job already has is a replay, and not worth a line)."""
+    if applied or old != new:
+        log.info("cluster {cluster} job {job}: {old} -> {new}{why}{detail}", cluster=cluster_id,
+                 job=job_id, old=old.name if old is not None else "gone", new=new.name,
+                 why="" if applied else " refused by the transition table",
+                 detail=f": {detail}" if detail else "",
+                 hpc_event="state_change" if applied else "update_refused",
+                 reason=f"{old.name if old is not None else 'gone'} -> {new.name}")
 
 
 def _notify_job_class(changes):
@@ -178,6 +194,21 @@ def _notify_job_class(changes):
                         model=model.__name__, job=job_id)
 
 
+# -- operations ------------------------------------------------------------------
+
+def ping_thd():
+    """One round trip to the database (for /healthz)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+def job_counts_thd():
+    """``{(cluster_id or None, state name): count}`` of every job."""
+    rows = HpcJob.objects.order_by().values("cluster_id", "job_status").annotate(n=Count("id"))
+    return {(r["cluster_id"], JobStatus(r["job_status"]).name): r["n"] for r in rows}
+
+
 class Store(service.Service):
     """Runs the ``*_thd`` functions on hpcd's database thread pool.
 
@@ -191,6 +222,7 @@ class Store(service.Service):
     def __init__(self, reactor, threads_count):
         self._reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads_count, name="hpcd-db")
+        self.stats = DatabaseStats()
 
     def startService(self):
         super().startService()
@@ -202,13 +234,21 @@ class Store(service.Service):
             self.pool.stop()
 
     def run(self, f, *args, **kwargs):
-        """Run ``f`` on the pool, between two ``close_old_connections``."""
+        """Run ``f`` on the pool, between two ``close_old_connections``,
+        counting how long it waited for a thread and ran (``self.stats``)."""
+        name = f.__name__.removesuffix("_thd")
+        queued = time.monotonic()
+        self.stats.queued()
+
         def call():
+            started = time.monotonic()
+            self.stats.started(name, started - queued)
             close_old_connections()
             try:
                 return f(*args, **kwargs)
             finally:
                 close_old_connections()
+                self.stats.finished(name, started - queued, time.monotonic() - started)
 
         return threads.deferToThreadPool(self._reactor, self.pool, call)
 
@@ -253,3 +293,11 @@ class Store(service.Service):
 
     def apply_updates(self, cluster_id, updates):
         return self.run(apply_updates_thd, cluster_id, updates)
+
+    # -- operations --------------------------------------------------------------
+
+    def ping(self):
+        return self.run(ping_thd)
+
+    def job_counts(self):
+        return self.run(job_counts_thd)

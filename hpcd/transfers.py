@@ -41,8 +41,10 @@ class Sink(protocol.Protocol):
 class Transfer:
     """One file on its way; holds both ends once they are connected."""
 
-    def __init__(self, token_id, reactor, timeout):
+    def __init__(self, token_id, reactor, timeout, on_done=None):
         self.token_id = token_id
+        self.on_done = on_done  # called once, with the outcome, when it ends
+        self.cluster_id = self.job_id = self.path = self.started = None  # for hpc_status
         self.header = defer.Deferred()  # fires with (size, name)
         self.header.addTimeout(timeout, reactor)
         self.source = None  # the agent's /file websocket protocol
@@ -92,7 +94,7 @@ class Transfer:
             self.fail(f"the file arrived damaged ({self.received} of {message['size']} "
                       "bytes, or a checksum mismatch)")
             return
-        self.finished = True
+        self._finish("ok")
         self.source.send_frame(wire.encode("file_done", size=self.received))
         if self.sink is not None:
             self.sink.transport.unregisterProducer()
@@ -122,12 +124,17 @@ class Transfer:
         if not self.finished:
             self.fail("the Django process stopped reading")
 
-    # -- failure ---------------------------------------------------------------
+    # -- the end ---------------------------------------------------------------
+
+    def _finish(self, outcome):
+        self.finished = True
+        if self.on_done is not None:
+            self.on_done(self, outcome)
 
     def fail(self, why):
         if self.finished:
             return
-        self.finished = True
+        self._finish("failed")
         log.warn("transfer {id} failed: {why}", id=self.token_id, why=why)
         if not self.header.called:
             self.header.errback(AgentError(why))
@@ -144,6 +151,16 @@ class Transfers:
     def __init__(self, daemon):
         self.daemon = daemon
         self._by_token = {}
+        # For hpc_status and /metrics: transfers not finished yet, by token
+        # id, and the bytes and outcomes of the finished ones.
+        self.active = {}
+        self.bytes_done = 0
+        self.done = {}
+
+    def _done(self, transfer, outcome):
+        self.active.pop(transfer.token_id, None)
+        self.bytes_done += transfer.received
+        self.done[outcome] = self.done.get(outcome, 0) + 1
 
     @defer.inlineCallbacks
     def fetch(self, session, job_id, path):
@@ -153,7 +170,10 @@ class Transfers:
         token_id, secret = yield daemon.store.issue_token(
             session.cluster_id, "file", int(daemon.settings.HPC_TOKEN_TTL_SECONDS))
         timeout = float(daemon.settings.HPC_AGENT_REQUEST_TIMEOUT)
-        transfer = self._by_token[token_id] = Transfer(token_id, daemon.reactor, timeout)
+        transfer = Transfer(token_id, daemon.reactor, timeout, on_done=self._done)
+        transfer.cluster_id, transfer.job_id, transfer.path = session.cluster_id, job_id, path
+        transfer.started = daemon.reactor.seconds()
+        self._by_token[token_id] = self.active[token_id] = transfer
         try:
             yield session.request("fetch_file", job=job_id, path=path, token=secret)
             size, name = yield transfer.header
