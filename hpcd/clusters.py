@@ -388,6 +388,7 @@ class ClusterManager(service.Service):
         self.changed[session.cluster_id] = self._reactor.seconds()
         detail = (f"connected: agent {session.hello['agent_version']} on "
                   f"{session.hello['hostname']}, {session.hello['scheduler']}")
+        log.info("cluster {cluster}: {detail}", cluster=session.cluster_id, detail=detail)
         self._store.set_cluster_state(session.cluster_id, True, detail).addErrback(
             lambda f: log.failure("recording cluster state failed", f))
         self.on_online(session.cluster_id)

@@ -209,6 +209,11 @@ def observer_for(twistd_options, log_format, warnings_per_second):
         return None, None
     out = _log_file(twistd_options)
     writer = json_lines_observer(out) if log_format == "json" else text_observer(out)
+    return build_observer(writer, warnings_per_second)
+
+
+def build_observer(writer, warnings_per_second):
+    """``(observer, rate_limiter)``: ``writer`` behind the filters and the limit."""
     limiter = RateLimiter(writer, int(warnings_per_second))
     observer = FilteringLogObserver(
         limiter, [not_per_connection, LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])

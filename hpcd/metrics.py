@@ -220,10 +220,7 @@ class _Collector:
 
         listener = self._listener
         daemon = listener.daemon
-        if threadable.isInIOThread():
-            live = live_status(daemon)
-        else:
-            live = threads.blockingCallFromThread(daemon.reactor, live_status, daemon)
+        live = listener.live()
 
         yield InfoMetricFamily("hpcd", "hpcd's version", value={"version": live["version"]})
         yield GaugeMetricFamily("hpcd_start_time_seconds", "When hpcd started (Unix time)",
@@ -423,6 +420,13 @@ class MetricsListener(service.Service):
         self._loop = task.LoopingCall(self._count_jobs)
         self._loop.clock = self.daemon.reactor
         self._loop.start(self.count_seconds, now=True)
+
+    def live(self):
+        """live_status(), read on the reactor thread whichever thread asks:
+        the exposition runs on the reactor's thread pool."""
+        if threadable.isInIOThread():
+            return live_status(self.daemon)
+        return threads.blockingCallFromThread(self.daemon.reactor, live_status, self.daemon)
 
     def _count_jobs(self):
         def store(counts):
