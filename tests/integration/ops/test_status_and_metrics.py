@@ -165,10 +165,12 @@ def test_metrics_count_jobs_events_transfers_and_refusals(metered_hpcd, agent_di
         assert RawWebsocket(port, "/agent", token="Bearer not-a-token").status == 403
 
     c = str(cluster.pk)
+    # The job counts are refreshed every 0.2 s here: wait for a count made
+    # after the last job ended.
     samples = wait_for(lambda: (s := scrape(daemon)) and value(
-        s, "hpcd_jobs", cluster=c, state="COMPLETED") == 3 and s, timeout=10,
+        s, "hpcd_jobs", cluster=c, state="COMPLETED") == 3 and value(
+        s, "hpcd_jobs", cluster=c, state="ERROR") == 1 and s, timeout=10,
         what="the job counts in /metrics")
-    assert value(samples, "hpcd_jobs", cluster=c, state="ERROR") == 1
     assert value(samples, "hpcd_clusters", state="online") == 1
     assert value(samples, "hpcd_clusters", state="offline") == 0
     assert value(samples, "hpcd_agents_connected") == 1
