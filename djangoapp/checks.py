@@ -57,9 +57,8 @@ def check_job_class(app_configs=None, **kwargs):
     except (ImportError, LookupError, ValueError) as e:
         return [Error(
             f"HPC_JOB_CLASS = {name!r} cannot be imported: {e}",
-            hint="Give the dotted path of your job model, e.g. 'myapp.models.MyJob' (or "
-                 "'myapp.MyJob'), a subclass of djangoapp.models.HpcJob; leave it unset "
-                 "for HpcJob itself.",
+            hint="Give the dotted path of your job model, e.g. 'myapp.models.MyJob', a "
+                 "subclass of djangoapp.models.HpcJob; leave it unset for HpcJob itself.",
             id="hpc.E001")]
     if not (isinstance(cls, type) and issubclass(cls, HpcJob)):
         return [Error(
