@@ -88,6 +88,18 @@ DEFAULTS = {
     # Most choose_cluster() calls one dispatch scan makes for jobs without a
     # cluster; the rest wait for the next scans, in turn.
     "HPC_DISPATCH_ASSIGN_LIMIT": 100,
+    # -- operations (metrics, health, logs) --
+    # A Twisted endpoint string where hpcd serves Prometheus metrics at
+    # /metrics and a health check at /healthz, e.g. "tcp:9464:interface=127.0.0.1"
+    # (needs the `metrics` extra: pip install 'hpc-job-controller[metrics]').
+    # None: no HTTP listener at all.
+    "HPC_METRICS_ENDPOINT": None,
+    # Seconds between two counts of jobs by state for /metrics (one query
+    # on hpcd's database threads; scrapes read the latest count).
+    "HPC_METRICS_JOB_COUNT_SECONDS": 15.0,
+    # Most log lines per second for one kind of warning (the same message
+    # format); the rest are counted and reported as one line.  0: no limit.
+    "HPC_LOG_WARNINGS_PER_SECOND": 5,
 }
 
 

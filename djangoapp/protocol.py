@@ -22,7 +22,7 @@ __all__ = [
     "Bytes", "JSONValue", "TRAILER_OK", "TRAILER_SIZE",
     # commands
     "IsClusterOnline", "TryConnect", "Dispatch", "ListFiles", "FetchFile", "SendMessage",
-    "ScanHostKeys", "OpenShell", "RunCommand", "CloseShell",
+    "ScanHostKeys", "OpenShell", "RunCommand", "CloseShell", "Status",
 ]
 
 
@@ -239,4 +239,15 @@ class RunCommand(amp.Command):
 class CloseShell(amp.Command):
     arguments = [(b"shell_id", amp.Integer())]
     response = []
+    errors = _ERRORS
+
+
+class Status(amp.Command):
+    """What hpcd knows live, for ``manage.py hpc_status``: its version, pid and
+    start time, each cluster's connection (online, since when, agent version,
+    launch failures), transfers and requests in flight, the database queue.
+    See ``hpcd.metrics.live_status`` for the fields."""
+
+    arguments = []
+    response = [(b"status", JSONValue())]
     errors = _ERRORS

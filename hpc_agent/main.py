@@ -31,11 +31,14 @@ def nvx_active():
     return os.environ.get("AUTOBAHN_USE_NVX", "1") not in ("0", "false")
 
 
+def log_file(directory):
+    """``agent.log`` in ``directory``, rotated at 10 MB with five old files
+    kept (agent.log.1 ... .5): agents run for months."""
+    return LogFile("agent.log", directory, rotateLength=10_000_000, maxRotatedFiles=5)
+
+
 def _start_logging(settings):
-    # Rotated at 10 MB, five old files kept: agents run for months.
-    logfile = LogFile("agent.log", settings.HPC_LOG_DIRECTORY, rotateLength=10_000_000,
-                      maxRotatedFiles=5)
-    observer = textFileLogObserver(logfile)
+    observer = textFileLogObserver(log_file(settings.HPC_LOG_DIRECTORY))
     level = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [level])],
                                      redirectStandardIO=False)

@@ -14,7 +14,6 @@ a control connection's logic, :mod:`hpcd.transfers` a transfer's.
 """
 
 import itertools
-import time
 from collections import Counter
 
 from automat import MethodicalMachine
@@ -45,49 +44,32 @@ class PreAuthLimits:
     An agent needs one control connection and one per file being fetched;
     anything beyond these caps is an attack or a bug, and is refused at once
     so that it cannot use up hpcd's file descriptors.  Refusals are counted
-    by reason and logged at most once per ``log_every`` seconds.
+    by reason here and logged by :func:`log_refusal`.
     """
 
-    def __init__(self, total, per_host, clock=time.monotonic, log_every=1.0):
+    def __init__(self, total, per_host):
         self.total = total
         self.per_host = per_host
-        self._clock = clock
-        self._log_every = log_every
         self._by_host = Counter()
         self.count = 0
         self.refused = Counter()  # reason -> how many, since start
-        self._unlogged = Counter()
-        self._logged_at = None
 
     def admit(self, host):
-        """True, and counted, if one more unauthenticated connection from
-        ``host`` fits."""
+        """The reason to refuse one more unauthenticated connection from
+        ``host``, or None (then it is counted)."""
         if self.count >= self.total:
-            self.refuse("too many unauthenticated connections")
-            return False
+            return "too many unauthenticated connections"
         if self._by_host[host] >= self.per_host:
-            self.refuse("too many unauthenticated connections from one address")
-            return False
+            return "too many unauthenticated connections from one address"
         self.count += 1
         self._by_host[host] += 1
-        return True
+        return None
 
     def release(self, host):
         self.count -= 1
         self._by_host[host] -= 1
         if self._by_host[host] <= 0:
             del self._by_host[host]
-
-    def refuse(self, reason):
-        """Count a refused connection or input; log the counts now and then."""
-        self.refused[reason] += 1
-        self._unlogged[reason] += 1
-        now = self._clock()
-        if self._logged_at is None or now - self._logged_at >= self._log_every:
-            self._logged_at = now
-            summary = ", ".join(f"{n} x {why}" for why, n in sorted(self._unlogged.items()))
-            self._unlogged.clear()
-            log.warn("refused agent connections: {summary}", summary=summary)
 
 
 class AgentServerProtocol(WebSocketServerProtocol):
@@ -102,10 +84,18 @@ class AgentServerProtocol(WebSocketServerProtocol):
 
     def connectionMade(self):
         self._host = getattr(self.transport.getPeer(), "host", "?")
-        self._admitted = self.factory.limits.admit(self._host)
+        refusal = self.factory.limits.admit(self._host)
+        self._admitted = refusal is None
         super().connectionMade()
-        if not self._admitted:
+        if refusal:
+            self._refused(None, refusal)
             self.transport.abortConnection()
+
+    def _refused(self, code, reason):
+        """Count and log a refusal; the ConnectionDeny to raise, if any."""
+        self.factory.limits.refused[reason] += 1
+        log_refusal(self._host, reason)
+        return ConnectionDeny(code, reason) if code else None
 
     def _authenticated(self):
         if self._admitted:
@@ -114,30 +104,27 @@ class AgentServerProtocol(WebSocketServerProtocol):
 
     def dataReceived(self, data):
         if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE_BYTES:
-            self.factory.limits.refuse("handshake over 16 KiB")
+            self._refused(None, "handshake over 16 KiB")
             self.transport.abortConnection()
             return
         super().dataReceived(data)
 
     def onConnect(self, request):
         if request.path not in ("/agent", "/file"):
-            raise ConnectionDeny(404, "unknown path")
+            raise _refused(request, 404, "unknown path")
         auth = request.headers.get("authorization", "")
         scheme, _, secret = auth.partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
-            self.factory.limits.refuse("no bearer token")
-            raise ConnectionDeny(401, "a bearer token is required")
+            raise self._refused(401, "a bearer token is required")
         if len(secret) > MAX_TOKEN_LENGTH:
-            self.factory.limits.refuse("invalid token")
-            raise ConnectionDeny(403, "invalid token")
+            raise self._refused(403, "invalid token")
         purposes = ("agent", "resume") if request.path == "/agent" else ("file",)
         d = self.factory.daemon.store.check_token(secret, purposes)
 
         def check(claim):
             if claim is None:
-                self.factory.limits.refuse(f"invalid, used or expired token for {request.path}")
-                raise ConnectionDeny(403, "invalid, used or expired token")
+                raise self._refused(403, f"invalid, used or expired token for {request.path}")
             self._secret, self._purposes = secret, purposes
             self.path = request.path
             if request.path == "/file":
@@ -185,7 +172,7 @@ class AgentServerProtocol(WebSocketServerProtocol):
             return
         if claim is None:
             # Another connection presented the same token first.
-            self.factory.limits.refuse("token spent by another connection")
+            self._refused(None, "token spent by another connection")
             self.sendClose(CLOSE_TOKEN_SPENT, "this token was used by another connection")
             return
         self._authenticated()
@@ -208,6 +195,13 @@ class AgentServerProtocol(WebSocketServerProtocol):
 
     def send_frame(self, frame):
         self.sendMessage(frame, isBinary=False)
+
+
+def log_refusal(peer, reason):
+    """One log event per refused connection: counted by reason in /metrics;
+    the log observer (hpcd.logs) keeps a flood of them to a few lines."""
+    log.warn("refused an agent connection from {peer}: {reason}", peer=peer, reason=reason,
+             hpc_event="connection_refused")
 
 
 def server_factory(daemon, url):
@@ -411,7 +405,7 @@ class AgentSession:
 
     @_machine.output()
     def _not_ready(self, message):
-        self.send(wire.encode("error", code="not_ready", message="say hello first"))
+        self._refuse(wire.ProtocolError("not_ready", "say hello first"))
 
     @_machine.output()
     def _handle(self, message):
@@ -454,16 +448,14 @@ class AgentSession:
 
     def message(self, payload, is_binary):
         if is_binary:
-            self.send(wire.encode("error", code="bad_frame",
-                                  message="binary frames belong on /file connections"))
+            self._refuse(wire.ProtocolError("bad_frame",
+                                            "binary frames belong on /file connections"))
             return
         try:
             message = wire.decode(payload, accept=wire.FROM_AGENT - {
                 "file_header", "file_end", "file_error"})
         except wire.ProtocolError as e:
-            log.warn("cluster {id}: refused a frame: {error}", id=self.cluster_id,
-                     error=e.message)
-            self.send(wire.error_frame(e))
+            self._refuse(e)
             return
         if message["type"] != "hello":
             self.frame_received(message)
@@ -475,6 +467,11 @@ class AgentSession:
                                        "upgrade the agent (hpc_install_agent)")
         else:
             self.hello_received(message)
+
+    def _refuse(self, error):
+        log.warn("cluster {cluster}: refused a frame: {error}", cluster=self.cluster_id,
+                 error=error.message, hpc_event="input_refused", reason=error.code)
+        self.send(wire.error_frame(error))
 
     def _on_error(self, message):
         log.warn("cluster {id}: the agent refused a frame: {code}: {message}",

@@ -232,6 +232,7 @@ class ClusterManager(service.Service):
         self.links = {}
         self.sessions = {}
         self.infos = {}
+        self.changed = {}  # cluster id -> when it last went online or offline (hpc_status)
         self.on_online = lambda cluster_id: None
         self._refresher = None
         self._purger = None
@@ -284,6 +285,7 @@ class ClusterManager(service.Service):
             link = self.links.get(info["id"])
             if info["enabled"] and link is None:
                 link = self.links[info["id"]] = self._new_link(info["id"])
+                self.changed.setdefault(info["id"], self._reactor.seconds())
                 link.start()
             elif not info["enabled"] and link is not None:
                 self._drop(info["id"])
@@ -390,8 +392,10 @@ class ClusterManager(service.Service):
             session.close(CLOSE_SHUTDOWN, "cluster disabled or removed")
             return
         self._input(link, link.agent_connected)
+        self.changed[session.cluster_id] = self._reactor.seconds()
         detail = (f"connected: agent {session.hello['agent_version']} on "
                   f"{session.hello['hostname']}, {session.hello['scheduler']}")
+        log.info("cluster {cluster}: {detail}", cluster=session.cluster_id, detail=detail)
         self._store.set_cluster_state(session.cluster_id, True, detail).addErrback(
             lambda f: log.failure("recording cluster state failed", f))
         self.on_online(session.cluster_id)
@@ -400,6 +404,7 @@ class ClusterManager(service.Service):
         if self.sessions.get(session.cluster_id) is not session:
             return
         del self.sessions[session.cluster_id]
+        self.changed[session.cluster_id] = self._reactor.seconds()
         link = self.links.get(session.cluster_id)
         if link is not None:
             self._input(link, link.agent_lost)

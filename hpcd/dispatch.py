@@ -63,6 +63,11 @@ class Dispatcher(service.Service):
         d.addErrback(self._failed, job)
         d.addBoth(lambda _: self._in_flight.discard(job["job"]))
 
+    @property
+    def in_flight(self):
+        """How many jobs' requests await an agent's answer."""
+        return len(self._in_flight)
+
     @defer.inlineCallbacks
     def _send(self, session, job):
         status = job["status"]
@@ -71,18 +76,32 @@ class Dispatcher(service.Service):
             if not moved:
                 return  # cancelled or dispatched meanwhile
             status = JobStatus.SUBMITTING
-        if status == JobStatus.SUBMITTING:
-            yield session.request("submit", job=job["job"], parameters=job["parameters"])
-        elif status == JobStatus.CANCELLING:
-            yield session.request("cancel", job=job["job"])
-        elif status == JobStatus.DELETING:
-            yield session.request("delete", job=job["job"])
+        action = _ACTIONS.get(status)
+        if action is None:
+            return
+        log.info("cluster {cluster} job {job}: {action} sent to the agent",
+                 cluster=job["cluster_id"], job=job["job"], action=action, hpc_event="dispatched")
+        started = self._reactor.seconds()
+        fields = {"parameters": job["parameters"]} if action == "submit" else {}
+        answer = yield session.request(action, job=job["job"], **fields)
+        answer = answer or {}
+        log.info("cluster {cluster} job {job}: the agent answered the {action} in {seconds:.3f} s"
+                 "{scheduler}", cluster=job["cluster_id"], job=job["job"], action=action,
+                 seconds=self._reactor.seconds() - started, hpc_event="dispatch_answered",
+                 scheduler=f" (scheduler id {answer['scheduler_id']})"
+                 if answer.get("scheduler_id") else "")
         # The resulting states come back as the agent's updates.
 
     def _failed(self, failure, job):
         if failure.check(HpcdError):
-            log.warn("job {job}: {status} not delivered, retried on the next scan: {error}",
-                     job=job["job"], status=JobStatus(job["status"]).name,
-                     error=failure.value)
+            log.warn("cluster {cluster} job {job}: {status} not delivered, retried on the next "
+                     "scan: {error}", cluster=job["cluster_id"], job=job["job"],
+                     status=JobStatus(job["status"]).name, error=failure.value,
+                     hpc_event="dispatch_failed", action=_ACTIONS.get(job["status"], "submit"))
         else:
             log.failure("dispatching job {job} failed", failure, job=job["job"])
+
+
+#: The request each state sends (a PENDING job is SUBMITTING by then).
+_ACTIONS = {JobStatus.PENDING: "submit", JobStatus.SUBMITTING: "submit",
+            JobStatus.CANCELLING: "cancel", JobStatus.DELETING: "delete"}

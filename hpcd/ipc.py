@@ -127,6 +127,13 @@ class ControlProtocol(amp.AMP):
     def close_shell(self, shell_id):
         return self.daemon.shells.close(shell_id).addCallback(lambda _: {})
 
+    @commands.Status.responder
+    @_errors_as_hpcd_errors
+    def status(self):
+        from hpcd.metrics import live_status
+
+        return {"status": live_status(self.daemon)}
+
 
 class ControlFactory(protocol.Factory):
     def __init__(self, daemon):

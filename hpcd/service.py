@@ -15,19 +15,19 @@ import socket
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
-from twisted.logger import Logger
+from twisted.internet import defer, endpoints, task
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import failure, usage
 
-from hpcd import control_socket
-from hpcd.control_socket import StartupError
 from djangoapp.ipc import socket_path
+from hpcd import control_socket, logs
+from hpcd.control_socket import StartupError
 
 log = Logger()
 
 
 class Options(usage.Options):
-    synopsis = "[--settings MODULE] [--pythonpath DIR]"
+    synopsis = "[--settings MODULE] [--pythonpath DIR] [--log-format text|json]"
     longdesc = ("Runs the hpc-job-controller daemon: the websocket server for cluster "
                 "agents, the Unix socket Django talks to, and the agents' launcher.")
     optParameters = [
@@ -35,7 +35,22 @@ class Options(usage.Options):
          "Django settings module (default: $DJANGO_SETTINGS_MODULE)."],
         ["pythonpath", None, None,
          "A directory to put first on sys.path (your Django project's)."],
+        ["log-format", None, "text",
+         "text, or json: one JSON object per line (time, level, namespace, text, and "
+         "the event's fields such as cluster and job)."],
     ]
+
+    def opt_version(self):
+        """Print hpcd's version and exit."""
+        from hpc_agent import __version__
+
+        print(f"hpcd (hpc-job-controller) {__version__}")
+        sys.exit(0)
+
+    def postOptions(self):
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}, "
+                                   f"not {self['log-format']!r}")
 
 
 def setup_django(options):
@@ -53,16 +68,46 @@ def setup_django(options):
     django.setup()
 
 
+def run_system_checks():
+    """Django's system checks, as ``manage.py check`` runs them (djangoapp's
+    among them: djangoapp/checks.py).  Warnings go to stderr; errors stop
+    hpcd before it listens anywhere, with their messages."""
+    from django.core.management.base import SystemCheckError
+    from django.core.management.commands.check import Command
+
+    from djangoapp import checks
+
+    checks.IN_HPCD = True  # a missing socket directory is an error here
+    try:
+        Command(stdout=sys.stderr, stderr=sys.stderr).check(display_num_errors=False)
+    except SystemCheckError as e:
+        sys.stderr.write(f"hpcd: not starting: the settings have errors.\n{e}\n")
+        sys.exit(1)
+
+
 def makeService(options):
     from hpc_agent import malloc
 
     malloc.keep_freed_memory()  # file transfers: see hpc_agent.malloc
     setup_django(options)
+    run_system_checks()
     from twisted.internet import reactor
 
     from djangoapp.conf import hpc_settings
 
-    return Daemon(reactor, hpc_settings)
+    from hpcd.metrics import MetricsUnavailable
+
+    try:
+        daemon = Daemon(reactor, hpc_settings)
+    except MetricsUnavailable as e:
+        sys.stderr.write(f"hpcd: not starting: {e}\n")
+        sys.exit(1)
+    # twistd builds its log observer only after this returns, from the
+    # application's ILogObserver component if there is one (setServiceParent).
+    daemon.log_observer, daemon.log_limiter = logs.observer_for(
+        getattr(options, "parent", None), options["log-format"],
+        hpc_settings.HPC_LOG_WARNINGS_PER_SECOND)
+    return daemon
 
 
 def notify_ready():
@@ -87,6 +132,7 @@ class Daemon(service.MultiService):
         from hpcd.dispatch import Dispatcher
         from hpcd.ipc import ControlFactory
         from hpcd.launch import Launcher, LocalLauncher, LoginLimiter, SSHLauncher
+        from hpcd.metrics import EventStats, MetricsListener
         from hpcd.shells import Shells
         from hpcd.store import Store
         from hpcd.transfers import Transfers
@@ -110,8 +156,28 @@ class Daemon(service.MultiService):
         self.transfers = Transfers(self)
         self._server_factory = server_factory
         self._control_factory = ControlFactory(self)
+        # No "Starting factory" lines (AMP's per-connection lines are
+        # filtered out by hpcd.logs).
+        self._control_factory.noisy = False
         self._ports = []
         self._socket_lock = None
+        self.started_at = None
+        self.event_stats = EventStats()
+        self.log_observer = self.log_limiter = None
+        self._log_flush = None
+        if settings.HPC_METRICS_ENDPOINT:
+            # Fails at once, with what to install, if prometheus_client is missing.
+            self.metrics = MetricsListener(self, settings.HPC_METRICS_ENDPOINT,
+                                           float(settings.HPC_METRICS_JOB_COUNT_SECONDS))
+            self.metrics.setServiceParent(self)
+        else:
+            self.metrics = None
+
+    def setServiceParent(self, parent):
+        super().setServiceParent(parent)
+        # twistd's Application: hand it hpcd's log observer (hpcd.logs).
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
 
     def _websocket_endpoint(self):
         s = self.settings
@@ -136,6 +202,10 @@ class Daemon(service.MultiService):
         """Bind both listeners now, before the reactor runs, so that a start
         that cannot work (a port in use, an unsafe or missing socket
         directory, another hpcd) exits at once with one line saying why."""
+        from hpc_agent import __version__
+
+        log.info("hpcd {version} starting, pid {pid}, settings {settings}", version=__version__,
+                 pid=os.getpid(), settings=os.environ.get("DJANGO_SETTINGS_MODULE"))
         raise_file_limit()
         try:
             self._bind()
@@ -149,8 +219,10 @@ class Daemon(service.MultiService):
 
     def _bind(self):
         s = self.settings
+        factory = self._server_factory(self, "ws://localhost")
+        factory.noisy = False
         ws_port = _listened(
-            self._websocket_endpoint().listen(self._server_factory(self, "ws://localhost")),
+            self._websocket_endpoint().listen(factory),
             lambda why: f"cannot listen for agents ({why}); set HPC_WEBSOCKET_PORT or "
                         "HPC_WEBSOCKET_ENDPOINT, or stop what uses the port")
         self._ports.append(ws_port)
@@ -173,11 +245,24 @@ class Daemon(service.MultiService):
                  path=path)
 
     def startService(self):
+        self.started_at = self.reactor.seconds()
+        globalLogPublisher.addObserver(self.event_stats)
+        if self.log_limiter is not None:
+            self._log_flush = task.LoopingCall(self.log_limiter.flush)
+            self._log_flush.clock = self.reactor
+            self._log_flush.start(1.0, now=False)
         # The children, in the order they were added: the database pool,
         # then the cluster manager and the dispatcher, which hand agents the
-        # listener's real address and so start only once it is known.
+        # listener's real address and so start only once it is known, and
+        # the metrics listener (whose /healthz asks the Unix socket).
         super().startService()
-        notify_ready()
+        ready = self.metrics.port_ready if self.metrics is not None else defer.succeed(None)
+        ready.addCallback(lambda _: notify_ready())
+        ready.addErrback(self._failed_to_start)
+
+    def _failed_to_start(self, failure):
+        log.failure("hpcd could not start", failure)
+        self.reactor.stop()
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -188,8 +273,13 @@ class Daemon(service.MultiService):
             self._socket_lock.unlock()
             self._socket_lock = None
         yield self.shells.close_all()
-        # The children in reverse: dispatcher, cluster manager, database pool.
+        # The children in reverse: metrics, dispatcher, cluster manager,
+        # database pool.
         yield super().stopService()
+        if self._log_flush is not None and self._log_flush.running:
+            self._log_flush.stop()
+            self.log_limiter.flush()
+        globalLogPublisher.removeObserver(self.event_stats)
 
 
 def raise_file_limit(ceiling=65536):

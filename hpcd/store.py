@@ -18,7 +18,8 @@ import threading
 import time
 from datetime import timedelta
 
-from django.db import connections, transaction
+from django.db import connection, connections, transaction
+from django.db.models import Count
 from django.utils import timezone
 from twisted.application import service
 from twisted.internet import threads
@@ -29,6 +30,7 @@ from djangoapp import transitions
 from djangoapp.conf import hpc_settings
 from djangoapp.models import HpcCluster, HpcJob, WebsocketToken, get_job_model
 from hpc_agent.status import NEEDS_DISPATCH, JobStatus
+from hpcd.metrics import DatabaseStats
 
 log = Logger()
 
@@ -240,9 +242,24 @@ def apply_updates_thd(cluster_id, updates):
     changes, refused = transitions.apply_batch(valid, "agent", cluster_id=cluster_id)
     for job in sorted(set(refused)):
         log.warn("cluster {cluster} reported on job {job}, which is not its own; ignored",
-                 cluster=cluster_id, job=job)
+                 cluster=cluster_id, job=job, hpc_event="update_refused",
+                 reason="another cluster's job")
+    for change in changes:
+        log_update(cluster_id, change.job, True, change.old, change.new, change.detail)
     _notify_job_class(changes)
     return [u["seq"] for u in updates]
+
+
+def log_update(cluster_id, job_id, applied, old, new, detail):
+    """One line per state change an agent reported; a refused one says why
+    (an update the job already has is a replay, and not worth a line)."""
+    if applied or old != new:
+        log.info("cluster {cluster} job {job}: {old} -> {new}{why}{detail}", cluster=cluster_id,
+                 job=job_id, old=old.name if old is not None else "gone", new=new.name,
+                 why="" if applied else " refused by the transition table",
+                 detail=f": {detail}" if detail else "",
+                 hpc_event="state_change" if applied else "update_refused",
+                 reason=f"{old.name if old is not None else 'gone'} -> {new.name}")
 
 
 def _notify_job_class(changes):
@@ -322,6 +339,21 @@ def run_thd(f, *args, **kwargs):
         _last_use.at = time.monotonic()
 
 
+# -- operations ------------------------------------------------------------------
+
+def ping_thd():
+    """One round trip to the database (for /healthz)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+def job_counts_thd():
+    """``{(cluster_id or None, state name): count}`` of every job."""
+    rows = HpcJob.objects.order_by().values("cluster_id", "job_status").annotate(n=Count("id"))
+    return {(r["cluster_id"], JobStatus(r["job_status"]).name): r["n"] for r in rows}
+
+
 class Store(service.Service):
     """Runs the ``*_thd`` functions on hpcd's database thread pool.
 
@@ -335,6 +367,7 @@ class Store(service.Service):
     def __init__(self, reactor, threads_count):
         self._reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads_count, name="hpcd-db")
+        self.stats = DatabaseStats()
 
     def startService(self):
         super().startService()
@@ -346,8 +379,22 @@ class Store(service.Service):
             self.pool.stop()
 
     def run(self, f, *args, **kwargs):
-        """Run ``f(*args, **kwargs)`` on the pool; a Deferred of its result."""
-        return threads.deferToThreadPool(self._reactor, self.pool, run_thd, f, *args, **kwargs)
+        """Run ``f(*args, **kwargs)`` on the pool with a healthy connection
+        (:func:`run_thd`); a Deferred of its result.  Counts how long it
+        waited for a thread and ran (``self.stats``)."""
+        name = f.__name__.removesuffix("_thd")
+        queued = time.monotonic()
+        self.stats.queued()
+
+        def call():
+            started = time.monotonic()
+            self.stats.started(name, started - queued)
+            try:
+                return run_thd(f, *args, **kwargs)
+            finally:
+                self.stats.finished(name, started - queued, time.monotonic() - started)
+
+        return threads.deferToThreadPool(self._reactor, self.pool, call)
 
     # -- clusters ----------------------------------------------------------------
 
@@ -396,3 +443,11 @@ class Store(service.Service):
 
     def apply_updates(self, cluster_id, updates):
         return self.run(apply_updates_thd, cluster_id, updates)
+
+    # -- operations --------------------------------------------------------------
+
+    def ping(self):
+        return self.run(ping_thd)
+
+    def job_counts(self):
+        return self.run(job_counts_thd)

@@ -73,8 +73,10 @@ class Transfer:
 
     _machine = MethodicalMachine()
 
-    def __init__(self, token_id, reactor, timeout):
+    def __init__(self, token_id, reactor, timeout, on_done=None):
         self.token_id = token_id
+        self.on_done = on_done  # called once, with the outcome, when it ends
+        self.cluster_id = self.job_id = self.path = self.started = None  # for hpc_status
         self.header = defer.Deferred()  # fires with (size, name)
         self.header.addTimeout(timeout, reactor)
         self.source = None  # the agent's /file websocket protocol
@@ -173,6 +175,12 @@ class Transfer:
     @_machine.output()
     def _confirm(self):
         self.source.send_frame(wire.encode("file_done", size=self.received))
+        self._ended("ok")
+
+    def _ended(self, outcome):
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(self, outcome)
 
     @_machine.output()
     def _stop_flow(self):
@@ -207,6 +215,7 @@ class Transfer:
         self._abort("the Django process stopped reading")
 
     def _abort(self, why):
+        self._ended("failed")
         log.warn("transfer {id} failed: {why}", id=self.token_id, why=why)
         if not self.header.called:
             self.header.errback(AgentError(why))
@@ -310,6 +319,16 @@ class Transfers:
     def __init__(self, daemon):
         self.daemon = daemon
         self._by_token = {}
+        # For hpc_status and /metrics: transfers not finished yet, by token
+        # id, and the bytes and outcomes of the finished ones.
+        self.active = {}
+        self.bytes_done = 0
+        self.done = {}
+
+    def _done(self, transfer, outcome):
+        self.active.pop(transfer.token_id, None)
+        self.bytes_done += transfer.received
+        self.done[outcome] = self.done.get(outcome, 0) + 1
 
     @defer.inlineCallbacks
     def fetch(self, session, job_id, path):
@@ -319,7 +338,10 @@ class Transfers:
         token_id, secret = yield daemon.store.issue_token(
             session.cluster_id, "file", int(daemon.settings.HPC_TOKEN_TTL_SECONDS))
         timeout = float(daemon.settings.HPC_AGENT_REQUEST_TIMEOUT)
-        transfer = self._by_token[token_id] = Transfer(token_id, daemon.reactor, timeout)
+        transfer = Transfer(token_id, daemon.reactor, timeout, on_done=self._done)
+        transfer.cluster_id, transfer.job_id, transfer.path = session.cluster_id, job_id, path
+        transfer.started = daemon.reactor.seconds()
+        self._by_token[token_id] = self.active[token_id] = transfer
         try:
             yield session.request("fetch_file", job=job_id, path=path, token=secret)
             size, name = yield transfer.header

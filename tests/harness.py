@@ -47,8 +47,9 @@ def database_environment():
 class Hpcd:
     """A real hpcd process."""
 
-    def __init__(self, workdir, extra_env=None, prefix=()):
+    def __init__(self, workdir, extra_env=None, prefix=(), args=()):
         self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", "A"]
+        self.args = list(args)  # after "hpcd", e.g. ["--log-format", "json"]
         self.workdir = str(workdir)
         self.socket_path = os.path.join(self.workdir, "hpcd.sock")
         self.log_path = os.path.join(self.workdir, "hpcd.log")
@@ -77,7 +78,7 @@ class Hpcd:
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.process = subprocess.Popen(
             [*self.prefix, twistd, "--nodaemon", "--pidfile=", f"--logfile={self.log_path}",
-             "hpcd"],
+             "hpcd", *self.args],
             env=env, cwd=self.workdir, stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(self.workdir, "hpcd.stderr"), "ab"))
         try:

@@ -1,8 +1,9 @@
 """Django settings for the test suite and for the daemons the tests start.
 
-The database comes from the environment, so the same settings serve the
-SQLite tier and the PostgreSQL tier, and an hpcd started by a test uses the
-very database the test set up (HPC_TEST_DB_NAME).
+The database comes from the environment (HPC_TEST_DB = sqlite, postgres or
+mysql), so the same settings serve the SQLite, PostgreSQL and MariaDB tiers,
+and an hpcd started by a test uses the very database the test set up
+(HPC_TEST_DB_NAME).
 """
 
 import os
@@ -50,6 +51,20 @@ if _backend == "postgres":
         "NAME": _name or "hpc_job_controller",
         "TEST": {"NAME": _name or "test_hpc_job_controller"},
     }}
+elif _backend == "mysql":
+    # MariaDB (or MySQL) through mysqlclient; the server must allow this user
+    # to create the test database.
+    DATABASES = {"default": {
+        "ENGINE": "django.db.backends.mysql",
+        "HOST": os.environ.get("HPC_TEST_MYSQL_HOST", "127.0.0.1"),
+        "PORT": os.environ.get("HPC_TEST_MYSQL_PORT", "3306"),
+        "USER": os.environ.get("HPC_TEST_MYSQL_USER", "root"),
+        "PASSWORD": os.environ.get("HPC_TEST_MYSQL_PASSWORD", ""),
+        "NAME": _name or "hpc_job_controller",
+        "OPTIONS": {"charset": "utf8mb4"},
+        "TEST": {"NAME": _name or "test_hpc_job_controller", "CHARSET": "utf8mb4",
+                 "COLLATION": "utf8mb4_unicode_ci"},
+    }}
 else:
     _path = _name or os.environ.get(
         "HPC_TEST_SQLITE", os.path.join(tempfile.gettempdir(), f"hpc-test-{os.getpid()}.sqlite3"))
@@ -72,7 +87,8 @@ HPC_DISPATCH_SCAN_SECONDS = float(os.environ.get("HPC_DISPATCH_SCAN_SECONDS", "5
 HPC_IPC_TIMEOUT = 20.0
 # Tests that start hpcd in special surroundings pass these through its environment.
 for _name in ("HPC_WEBSOCKET_INTERFACE", "HPC_WEBSOCKET_ENDPOINT", "HPC_AGENT_PING_SECONDS",
-              "HPC_AGENT_CONNECT_TIMEOUT", "HPC_WEBSOCKET_PUBLIC_URL"):
+              "HPC_AGENT_CONNECT_TIMEOUT", "HPC_WEBSOCKET_PUBLIC_URL", "HPC_METRICS_ENDPOINT",
+              "HPC_METRICS_JOB_COUNT_SECONDS", "HPC_LOG_WARNINGS_PER_SECOND"):
     if _name in os.environ:
         globals()[_name] = os.environ[_name]
 if "HPC_IPC_SOCKET_MODE" in os.environ:

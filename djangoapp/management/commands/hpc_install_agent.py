@@ -1,4 +1,5 @@
-"""Install or upgrade the agent on a cluster, over SSH, in one command."""
+"""Install or upgrade the agent on a cluster in one command: over SSH, or as
+local commands of hpcd's user for a ``localhost`` cluster."""
 
 import shlex
 
@@ -18,10 +19,11 @@ FIND_PYTHON = (
 
 
 class Command(BaseCommand):
-    help = ("Install or upgrade the agent on a cluster over SSH: create the agent directory "
-            "(client_path), a virtual environment in it with a Python 3.10+ found there, "
-            "install the agent from a wheel uploaded from here, and write settings.py if "
-            "missing.  hpcd must be running (it makes the SSH connection).")
+    help = ("Install or upgrade the agent on a cluster over SSH (for 'localhost', locally as "
+            "hpcd's user): create the agent directory (client_path), a virtual environment "
+            "in it with a Python 3.10+ found there, install the agent from a wheel uploaded "
+            "from here, and write settings.py if missing.  hpcd must be running (it makes "
+            "the connection).")
 
     def add_arguments(self, parser):
         parser.add_argument("cluster", help="the cluster's id or host name")

@@ -3,8 +3,10 @@
 from datetime import timedelta
 
 from django.utils import timezone
+from twisted.logger import formatEvent
 
 from djangoapp.models import HpcCluster, WebsocketToken
+from hpc_agent.status import JobStatus
 from hpcd import store
 
 
@@ -247,3 +249,39 @@ def test_many_jobs_move_in_one_batch_each_by_the_table(cluster):
     assert all(steps(j.pk) == [(S.PENDING, S.SUBMITTING, "hpcd", "")] for j in pending)
     assert HpcJob.objects.get(pk=cancelled.pk).job_status == S.CANCELLED
     assert store.transition_many_thd(ids, S.SUBMITTING) == []
+
+def test_job_counts_are_by_cluster_and_state(db):
+    from djangoapp.models import HpcJob
+
+    cluster = HpcCluster.objects.create(host_name="localhost", client_path="/x")
+    for status in (JobStatus.RUNNING, JobStatus.RUNNING, JobStatus.COMPLETED):
+        HpcJob.objects.create(cluster=cluster, job_status=status)
+    HpcJob.objects.create(job_status=JobStatus.PENDING)
+    assert store.job_counts_thd() == {(cluster.pk, "RUNNING"): 2, (cluster.pk, "COMPLETED"): 1,
+                                      (None, "PENDING"): 1}
+    store.ping_thd()  # /healthz's round trip: no exception
+
+
+def test_each_stored_or_refused_update_is_one_log_line_a_replay_none(db):
+    from twisted.logger import globalLogPublisher
+
+    from djangoapp.models import HpcJob
+
+    cluster = HpcCluster.objects.create(host_name="localhost", client_path="/x")
+    job = HpcJob.objects.create(cluster=cluster, job_status=JobStatus.RUNNING)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        update = {"seq": 1, "job": job.pk, "status": int(JobStatus.COMPLETED), "detail": "",
+                  "scheduler_id": ""}
+        assert store.apply_updates_thd(cluster.pk, [update]) == [1]
+        assert store.apply_updates_thd(cluster.pk, [{**update, "seq": 2}]) == [2]  # replay
+        late = {**update, "seq": 3, "status": int(JobStatus.RUNNING), "detail": "late"}
+        assert store.apply_updates_thd(cluster.pk, [late]) == [3]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [(e["hpc_event"], formatEvent(e)) for e in events if "hpc_event" in e]
+    assert lines == [
+        ("state_change", f"cluster {cluster.pk} job {job.pk}: RUNNING -> COMPLETED"),
+        ("update_refused", f"cluster {cluster.pk} job {job.pk}: COMPLETED -> RUNNING refused "
+                           "by the transition table: late")]
