@@ -14,7 +14,10 @@ sys.path[:0] = [os.path.join(REPO, "tests"), REPO]
 
 
 @contextlib.contextmanager
-def local_cluster():
+def django_environment():
+    """Django set up on a fresh test database in a temporary directory
+    (SQLite by default, PostgreSQL with HPC_TEST_DB=postgres); yields the
+    directory."""
     with tempfile.TemporaryDirectory(prefix="hpc-bench-") as tmp:
         os.environ.setdefault("HPC_TEST_SQLITE", os.path.join(tmp, "db.sqlite3"))
         os.environ["HPC_IPC_UNIX_SOCKET"] = os.path.join(tmp, "hpcd.sock")
@@ -28,6 +31,12 @@ def local_cluster():
         if os.environ.get("HPC_TEST_DB") == "postgres":
             connection.creation.create_test_db(verbosity=0, autoclobber=True)
         call_command("migrate", verbosity=0)
+        yield tmp
+
+
+@contextlib.contextmanager
+def local_cluster():
+    with django_environment() as tmp:
         from djangoapp.models import HpcCluster
         from harness import Hpcd, kill_agent, make_agent_dir, wait_for
 

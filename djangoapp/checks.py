@@ -22,7 +22,6 @@ its RuntimeDirectory.  hpcd sets :data:`IN_HPCD` before it runs the checks.
 
 import difflib
 import os
-import stat
 
 from django.apps import apps
 from django.conf import settings

@@ -167,7 +167,7 @@ def _fields(target, detail, extra, now):
     return fields
 
 
-def apply_batch(updates, source, cluster_id=None):
+def apply_batch(updates, source, cluster_id=None, skipped=None):
     """Apply ``updates`` in order, in one transaction; returns ``(changes, refused)``.
 
     ``updates``: dicts with ``job``, ``status`` (a JobStatus), ``detail`` and
@@ -178,6 +178,9 @@ def apply_batch(updates, source, cluster_id=None):
     does not exist, is refused: its job id is in ``refused``.  ``changes``
     lists the applied ones as :class:`Change` tuples.  A receiver that
     raises is logged and its change stored all the same (see :func:`apply`).
+    ``skipped``, a list, receives a Change for each update the table
+    refused from another state (a replay of the state the job is in is not
+    one: nothing is wrong with it).
     """
     from djangoapp.models import get_job_model
 
@@ -190,11 +193,13 @@ def apply_batch(updates, source, cluster_id=None):
         if refused:
             refused_set = set(refused)
             updates = [u for u in updates if u["job"] not in refused_set]
+        skipped = [] if skipped is None else skipped
         if model_receivers(model):
-            changes = _apply_each(updates, source)
+            changes = _apply_each(updates, source, skipped)
         else:
             changes = _apply_grouped(model, updates, source,
-                                     {job: status for job, (_, status) in rows.items()})
+                                     {job: status for job, (_, status) in rows.items()},
+                                     skipped)
     return changes, refused
 
 
@@ -221,14 +226,17 @@ def _read_states(job_ids):
     return rows
 
 
-def _apply_each(updates, source):
+def _apply_each(updates, source, skipped):
     changes = []
     for u in updates:
         extra = {"remote_job_id": u["scheduler_id"]} if u["scheduler_id"] else None
         applied, old = apply(u["job"], u["status"], source, u["detail"], extra=extra,
                              robust=True)
+        change = Change(u["job"], old, u["status"], u["detail"], source)
         if applied:
-            changes.append(Change(u["job"], old, u["status"], u["detail"], source))
+            changes.append(change)
+        elif old is not None and old != u["status"]:
+            skipped.append(change)
     return changes
 
 
@@ -243,7 +251,7 @@ class _Plan:
         self.remote = None
 
 
-def _apply_grouped(model, updates, source, states):
+def _apply_grouped(model, updates, source, states, skipped):
     from djangoapp.models import HpcJob
 
     plans = {}
@@ -251,7 +259,10 @@ def _apply_grouped(model, updates, source, states):
         job, new = u["job"], JobStatus(u["status"])
         plan = plans.get(job)
         old = plan.steps[-1][1] if plan and plan.steps else JobStatus(states[job])
-        if new == old or not can_transition(old, new):
+        if new == old:
+            continue
+        if not can_transition(old, new):
+            skipped.append(Change(job, old, new, u["detail"], source))
             continue
         if plan is None:
             plan = plans[job] = _Plan(old)

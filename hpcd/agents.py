@@ -111,7 +111,7 @@ class AgentServerProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request):
         if request.path not in ("/agent", "/file"):
-            raise _refused(request, 404, "unknown path")
+            raise self._refused(404, "unknown path")
         auth = request.headers.get("authorization", "")
         scheme, _, secret = auth.partition(" ")
         secret = secret.strip()
@@ -272,7 +272,8 @@ class Requests:
 class UpdateWriter:
     """Stores an agent's updates one transaction at a time; while one is
     written the next ones gather, so batches grow with the load.  Acks go
-    back only for what was stored: a failed write is sent again by the agent."""
+    back only for what was stored; a failed write is acknowledged as
+    ``retry``, and the agent sends it again after a short backoff."""
 
     def __init__(self, store, cluster_id, send_ack):
         self._store = store
@@ -294,6 +295,7 @@ class UpdateWriter:
         def failed(f):
             log.failure("storing {n} updates of cluster {id} failed", f, n=len(batch),
                         id=self._cluster_id)
+            self._send_ack([], retry=[u["seq"] for u in batch])
 
         def done(_):
             self._writing = None
@@ -316,14 +318,14 @@ class AgentSession:
     def __init__(self, daemon, protocol, claim):
         self.daemon = daemon
         self.protocol = protocol
+        self.claim = claim
         self.cluster_id = claim["cluster_id"]
         self.token_id = claim["token_id"]
         #: Mirrors the machine: True in ``welcomed`` only (ClusterManager reads it).
         self.ready = False
         self.hello = None
         self._requests = Requests(daemon.reactor, f"the agent of cluster {self.cluster_id}")
-        self._writer = UpdateWriter(daemon.store, self.cluster_id,
-                                    lambda seqs: self.send(wire.encode("ack", seqs=seqs)))
+        self._writer = UpdateWriter(daemon.store, self.cluster_id, self._ack)
         self._gone = []
         self._handlers = {
             "update": lambda m: self._writer.add(m),
@@ -472,6 +474,10 @@ class AgentSession:
         log.warn("cluster {cluster}: refused a frame: {error}", cluster=self.cluster_id,
                  error=error.message, hpc_event="input_refused", reason=error.code)
         self.send(wire.error_frame(error))
+
+    def _ack(self, seqs, retry=()):
+        self.send(wire.encode("ack", seqs=seqs, retry=list(retry)) if retry
+                  else wire.encode("ack", seqs=seqs))
 
     def _on_error(self, message):
         log.warn("cluster {id}: the agent refused a frame: {code}: {message}",

@@ -47,7 +47,15 @@ class ControlProtocol(amp.AMP):
     @commands.IsClusterOnline.responder
     def is_cluster_online(self, cluster_id):
         session = self.daemon.clusters.session(cluster_id)
-        return {"token_id": session.token_id if session is not None else 0}
+        if session is None:
+            return {"token_id": 0}
+        # The token's fields from memory, so that is_connected() needs no query.
+        answer = {"token_id": session.token_id, "purpose": session.claim.get("purpose")}
+        for field in ("created", "expires", "used_at"):
+            value = session.claim.get(field)
+            if value is not None and value.tzinfo is not None:  # AMP needs aware times
+                answer[field] = value
+        return {k: v for k, v in answer.items() if v is not None}
 
     @commands.TryConnect.responder
     @_errors_as_hpcd_errors
@@ -64,17 +72,24 @@ class ControlProtocol(amp.AMP):
     @_errors_as_hpcd_errors
     @defer.inlineCallbacks
     def list_files(self, cluster_id, job_id, path, recursive):
+        # The agent answers in pages that each fit in one frame.
         session = self.daemon.clusters.require_session(cluster_id)
-        result = yield session.request("list_files", job=job_id, path=path,
-                                       recursive=recursive)
-        return {"files": result["files"]}
+        files, offset = [], 0
+        while True:
+            result = yield session.request("list_files", job=job_id, path=path,
+                                           recursive=recursive, offset=offset)
+            files.extend(result["files"])
+            if not result.get("truncated") or result.get("next") is None:
+                return {"files": files}
+            offset = result["next"]
 
     @commands.FetchFile.responder
     @_errors_as_hpcd_errors
     @defer.inlineCallbacks
-    def fetch_file(self, cluster_id, job_id, path):
+    def fetch_file(self, cluster_id, job_id, path, extra_params=None):
         session = self.daemon.clusters.require_session(cluster_id)
-        size, name, sink = yield self.daemon.transfers.fetch(session, job_id, path)
+        size, name, sink = yield self.daemon.transfers.fetch(session, job_id, path,
+                                                             extra_params)
         return {"size": size, "name": name, "protocol": sink}
 
     @commands.SendMessage.responder

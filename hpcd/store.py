@@ -239,13 +239,17 @@ def apply_updates_thd(cluster_id, updates):
         except ValueError:
             log.warn("job {job}: unknown status {status} ignored", job=u["job"],
                      status=u["status"])
-    changes, refused = transitions.apply_batch(valid, "agent", cluster_id=cluster_id)
+    skipped = []
+    changes, refused = transitions.apply_batch(valid, "agent", cluster_id=cluster_id,
+                                               skipped=skipped)
     for job in sorted(set(refused)):
         log.warn("cluster {cluster} reported on job {job}, which is not its own; ignored",
                  cluster=cluster_id, job=job, hpc_event="update_refused",
                  reason="another cluster's job")
     for change in changes:
         log_update(cluster_id, change.job, True, change.old, change.new, change.detail)
+    for change in skipped:
+        log_update(cluster_id, change.job, False, change.old, change.new, change.detail)
     _notify_job_class(changes)
     return [u["seq"] for u in updates]
 

@@ -331,7 +331,7 @@ class Transfers:
         self.done[outcome] = self.done.get(outcome, 0) + 1
 
     @defer.inlineCallbacks
-    def fetch(self, session, job_id, path):
+    def fetch(self, session, job_id, path, extra_params=None):
         """Start a transfer; fires with ``(size, name, Sink)`` once the agent's
         header is in.  The caller switches its connection to the Sink."""
         daemon = self.daemon
@@ -343,7 +343,8 @@ class Transfers:
         transfer.started = daemon.reactor.seconds()
         self._by_token[token_id] = self.active[token_id] = transfer
         try:
-            yield session.request("fetch_file", job=job_id, path=path, token=secret)
+            fields = {} if extra_params is None else {"extra_params": extra_params}
+            yield session.request("fetch_file", job=job_id, path=path, token=secret, **fields)
             size, name = yield transfer.header
         except defer.TimeoutError:
             transfer.fail("timed out")

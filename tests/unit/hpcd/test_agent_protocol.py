@@ -240,20 +240,18 @@ def test_an_endless_handshake_header_is_cut_off(factory):
     assert factory.limits.refused["handshake over 16 KiB"] == 1
 
 
-def test_refusals_are_logged_at_most_once_a_second_with_counts():
-    now = [0.0]
-    limits = agents.PreAuthLimits(1, 1, clock=lambda: now[0])
-    logged = []
+def test_each_refusal_is_a_counted_log_event(factory):
+    """One event per refused connection, with its reason: /metrics counts them
+    and hpcd's log observer (hpcd.logs) keeps a flood to a few lines."""
     from twisted.logger import globalLogPublisher
 
-    observer = logged.append
-    globalLogPublisher.addObserver(observer)
+    events = []
+    globalLogPublisher.addObserver(events.append)
     try:
-        for _ in range(50):
-            limits.refuse("bad")
-        now[0] = 1.5
-        limits.refuse("bad")
+        for _ in range(3):
+            connect(factory, host="10.0.0.1")
     finally:
-        globalLogPublisher.removeObserver(observer)
-    lines = [e["summary"] for e in logged if "summary" in e]
-    assert lines == ["1 x bad", "50 x bad"]
+        globalLogPublisher.removeObserver(events.append)
+    refusals = [e["reason"] for e in events if e.get("hpc_event") == "connection_refused"]
+    assert refusals == ["too many unauthenticated connections from one address"]
+    assert factory.limits.refused == {refusals[0]: 1}

@@ -187,12 +187,14 @@ def test_updates_are_batched_while_a_store_write_runs_and_acked_after(ready, pro
     assert [seqs for _, seqs, _ in writes] == [[1], [2, 3], [4]]
 
 
-def test_a_failed_store_write_is_not_acked_and_the_next_batch_proceeds(ready, protocol,
-                                                                      daemon):
+def test_a_failed_store_write_is_acked_as_retry_and_the_next_batch_proceeds(ready, protocol,
+                                                                            daemon):
     ready.message(update(1), False)
     ready.message(update(2), False)
     daemon.store.writes[0][2].errback(RuntimeError("database is locked"))
-    assert protocol.frames == []
+    # Not stored: the agent is told to send it again soon (its backoff).
+    assert frames(protocol) == [{"type": "ack", "seqs": [], "retry": [1]}]
+    protocol.frames.clear()
     assert [seqs for _, seqs, _ in daemon.store.writes] == [[1], [2]]
     daemon.store.writes[1][2].callback([2])
     assert frames(protocol) == [{"type": "ack", "seqs": [2]}]
