@@ -124,7 +124,7 @@ class AgentServerProtocol(WebSocketServerProtocol):
 
         def check(claim):
             if claim is None:
-                raise self._refused(403, f"invalid, used or expired token for {request.path}")
+                raise self._refused(403, "invalid, used or expired token")
             self._secret, self._purposes = secret, purposes
             self.path = request.path
             if request.path == "/file":

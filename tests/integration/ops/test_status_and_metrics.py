@@ -203,9 +203,10 @@ def test_metrics_count_jobs_events_transfers_and_refusals(metered_hpcd, agent_di
                          r"[\d.]+ s \(scheduler id \S+\)", log)
         assert f"cluster {c} job {job.pk}: SUBMITTED -> RUNNING" in log
     assert "connection established" not in log and "connection lost" not in log
-    refused = len(re.findall(r"\] refused a connection to /agent", log))
+    refused = len(re.findall(r"\] refused an agent connection from", log))
     suppressed = sum(int(n) for n in re.findall(
-        r"(\d+) more like this suppressed in \d+ s, the last: refused a connection", log))
+        r"(\d+) more like this suppressed in \d+ s, the last: refused an agent connection",
+        log))
     assert refused < 13 and refused + suppressed == 13, log
 
 

@@ -166,7 +166,7 @@ def test_an_invalid_token_is_refused_before_the_upgrade(factory, daemon):
     protocol.dataReceived(handshake(token="forged"))
     assert status(transport) == 403
     assert daemon.store.claims == []
-    assert factory.limits.refused["invalid, used or expired token for /agent"] == 1
+    assert factory.limits.refused["invalid, used or expired token"] == 1
 
 
 def test_the_first_frame_spends_the_token_and_frames_wait_for_it(factory, daemon):
