@@ -47,6 +47,8 @@ def main():
             daemon.stop()
             assert swarm.stdout.readline().strip() == "lost"
             restarted = time.monotonic()
+            # The same port again: the agents know no other.
+            daemon.extra_env["HPC_WEBSOCKET_PORT"] = url.rsplit(":", 1)[1]
             daemon.start()
             ready = time.monotonic()
             back = swarm.stdout.readline().split()
