@@ -269,7 +269,8 @@ def wait_status(job, statuses, timeout=20.0):
 
     def reached():
         job.refresh_from_db()
-        return job.status in statuses
+        # job_status, not status: a portal's job class may define its own.
+        return job.job_status in statuses
 
     wait_for(reached, timeout=timeout, what=f"job {job.pk} to reach {statuses}")
     return job
