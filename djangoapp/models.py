@@ -60,38 +60,9 @@ def _require_job_class(cls):
             "Create jobs with djangoapp.models.get_job_model().")
 
 
-#: The words the seed project showed for each state (job_status_display).
-DISPLAY_NAMES = {
-    JobStatus.DRAFT: "Draft",
-    JobStatus.PENDING: "Pending",
-    JobStatus.SUBMITTING: "Submitting",
-    JobStatus.SUBMITTED: "Submitted",
-    JobStatus.QUEUED: "Queued",
-    JobStatus.RUNNING: "Running",
-    JobStatus.CANCELLING: "Cancelling",
-    JobStatus.CANCELLED: "Cancelled",
-    JobStatus.DELETING: "Deleting",
-    JobStatus.DELETED: "Deleted",
-    JobStatus.ERROR: "Error",
-    JobStatus.WALL_TIME_EXCEEDED: "Wall Time Exceeded",
-    JobStatus.OUT_OF_MEMORY: "Out of Memory",
-    JobStatus.COMPLETED: "Completed",
-}
-
-
 def display_name(status):
     """The seed's display name of a state number; "Unknown" for any other value."""
-    try:
-        return DISPLAY_NAMES[JobStatus(status)]
-    except (ValueError, TypeError):
-        return "Unknown"
-
-
-if not hasattr(JobStatus, "display_name"):
-    # Portals call the seed's JobStatus.display_name(n).  The enum belongs
-    # to hpc_agent.status, where this method should live; until it does,
-    # the Django side attaches it (enum classes take new non-member names).
-    JobStatus.display_name = staticmethod(display_name)
+    return JobStatus.display_name(status)
 
 
 def _status_name(status):

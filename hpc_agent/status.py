@@ -35,6 +35,32 @@ class JobStatus(enum.IntEnum):
         """``(value, label)`` pairs for a Django field."""
         return [(s.value, s.label) for s in cls]
 
+    @staticmethod
+    def display_name(status):
+        """The words the seed project showed for a state number (portals call
+        ``JobStatus.display_name(n)``); "Unknown" for any other value."""
+        try:
+            return _DISPLAY_NAMES[JobStatus(status)]
+        except (ValueError, TypeError):
+            return "Unknown"
+
+
+_DISPLAY_NAMES = {
+    JobStatus.DRAFT: "Draft",
+    JobStatus.PENDING: "Pending",
+    JobStatus.SUBMITTING: "Submitting",
+    JobStatus.SUBMITTED: "Submitted",
+    JobStatus.QUEUED: "Queued",
+    JobStatus.RUNNING: "Running",
+    JobStatus.CANCELLING: "Cancelling",
+    JobStatus.CANCELLED: "Cancelled",
+    JobStatus.DELETING: "Deleting",
+    JobStatus.DELETED: "Deleted",
+    JobStatus.ERROR: "Error",
+    JobStatus.WALL_TIME_EXCEEDED: "Wall Time Exceeded",
+    JobStatus.OUT_OF_MEMORY: "Out of Memory",
+    JobStatus.COMPLETED: "Completed",
+}
 
 #: Where a job's life ends, successfully or not.  Only deletion follows.
 TERMINAL = frozenset({
