@@ -17,19 +17,14 @@ import subprocess
 import tempfile
 import time
 
+import _env  # noqa: F401  (tests/ and the checkout on sys.path)
 from hpc_agent.config import AgentSettings
 from hpc_agent.schedulers.slurm import Slurm
+from scheduler_fakes import counted
 
 
-class Counted(Slurm):
-    """Slurm that counts the processes it starts."""
-
-    spawned = []
-
-    @classmethod
-    def run(cls, argv, timeout=None):
-        cls.spawned.append(argv[0])
-        return super().run(argv, timeout)
+#: Slurm that runs its commands for real and records each one.
+Counted = counted(Slurm)
 
 
 #: Every job of one run has this name, so one filtered scancel ends them all
@@ -70,8 +65,9 @@ def main():
             states = Counted.status_many(settings, jobs)
             poll = time.monotonic() - started
         queued = sum(state.status.name == "QUEUED" for state in states.values())
+        programs = ", ".join(s["argv"][0] for s in Counted.spawned)
         print(f"status_many: {poll:.3f} s wall, {len(Counted.spawned)} process(es) "
-              f"({', '.join(Counted.spawned)}), {len(states)} states ({queued} QUEUED)")
+              f"({programs}), {len(states)} states ({queued} QUEUED)")
 
         sample = job_ids[:args.sample]
         started = time.monotonic()

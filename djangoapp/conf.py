@@ -53,8 +53,9 @@ DEFAULTS = {
     "HPC_TOKEN_TTL_SECONDS": 60,
     # Threads hpcd uses for database work.
     "HPC_DB_THREADS": 4,
-    # Seconds between hpcd's scans for jobs that need dispatching; a missed
-    # notification from Django costs at most this long.
+    # Seconds between hpcd's scans for jobs that need dispatching (a missed
+    # notification from Django costs at most this long) and for clusters
+    # added, enabled or disabled in the database.
     "HPC_DISPATCH_SCAN_SECONDS": 30.0,
     # Seconds hpcd waits, after it starts or loses an agent, for the agent to
     # come back by itself before it launches a new one.
@@ -73,7 +74,8 @@ DEFAULTS = {
     # Longest pause between two failed launches of a cluster's agent.
     "HPC_LAUNCH_MAX_BACKOFF_SECONDS": 600.0,
     # Fernet keys encrypting cluster credentials at rest (djangoapp.crypto); the
-    # first encrypts, all decrypt; make one with `manage.py hpc_credentials newkey`.
+    # first encrypts, all decrypt; make one with
+    # `manage.py hpc_rotate_credentials --generate-key`.
     "HPC_CREDENTIAL_KEYS": [],
     # Most SSH logins per minute to one cluster (launches and commands):
     # sites ban hosts that log in too often.

@@ -17,8 +17,6 @@ plaintext and never encrypted twice. The setting is read at every call, so
 tests can override it. Nothing here logs or puts a plaintext in a message.
 """
 
-from __future__ import annotations
-
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -38,17 +36,17 @@ class CredentialDecryptError(CredentialKeyError):
     """A stored value cannot be decrypted with any configured key."""
 
 
-def generate_key() -> str:
+def generate_key():
     """A new random Fernet key, for HPC_CREDENTIAL_KEYS."""
     return Fernet.generate_key().decode("ascii")
 
 
-def is_encrypted(value: str | None) -> bool:
+def is_encrypted(value):
     """Whether ``value`` is a token made by ``encrypt()``."""
     return isinstance(value, str) and value.startswith(_TOKEN_START)
 
 
-def _fernet() -> MultiFernet:
+def _fernet():
     configured = getattr(settings, SETTING, None)
     if not configured or not isinstance(configured, (list, tuple)):
         raise CredentialKeyError(
@@ -69,21 +67,21 @@ def _fernet() -> MultiFernet:
     return MultiFernet(fernets)
 
 
-def encrypt(text: str | None) -> str:
+def encrypt(text):
     """``fernet:<token>`` for ``text``; empty or None gives ""."""
     if not text:
         return ""
     return PREFIX + _fernet().encrypt(text.encode("utf-8")).decode("ascii")
 
 
-def decrypt(token: str | None) -> str:
+def decrypt(token):
     """The plaintext of an ``encrypt()`` result; empty or None gives ""."""
     if not token:
         return ""
     return _fernet_call("decrypt", token).decode("utf-8")
 
 
-def reveal(value: str | None) -> str:
+def reveal(value):
     """The plaintext of a stored value: decrypted when it is a token, as is
     when it is plaintext not encrypted yet (a row from before encryption,
     or a value assigned and not saved); empty or None gives ""."""
@@ -92,14 +90,14 @@ def reveal(value: str | None) -> str:
     return decrypt(value) if is_encrypted(value) else value
 
 
-def rotate(token: str | None) -> str:
+def rotate(token):
     """``token`` re-encrypted under the first key; empty or None gives ""."""
     if not token:
         return ""
     return PREFIX + _fernet_call("rotate", token).decode("ascii")
 
 
-def _fernet_call(method: str, token: str) -> bytes:
+def _fernet_call(method, token):
     if not is_encrypted(token):
         raise CredentialDecryptError(
             f"a stored credential is not a '{PREFIX}' token, so it cannot be "

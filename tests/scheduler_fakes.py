@@ -33,3 +33,20 @@ def scripted(base, key=lambda argv: argv[0]):
 
     Scripted.__name__ = f"Scripted{base.__name__}"
     return Scripted
+
+
+def counted(base):
+    """A subclass of ``base`` that runs its commands for real and records
+    each in ``spawned``: ``{"argv", "stdout", "cwd"}``."""
+
+    class Counted(base):
+        spawned = []
+
+        @classmethod
+        def run(cls, argv, timeout=None, cwd=None):
+            result = super().run(argv, timeout, cwd)
+            cls.spawned.append({"argv": list(argv), "stdout": result.stdout, "cwd": cwd})
+            return result
+
+    Counted.__name__ = f"Counted{base.__name__}"
+    return Counted

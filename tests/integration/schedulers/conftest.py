@@ -15,7 +15,6 @@ check their output.
 """
 
 import json
-import os
 import pwd
 import random
 import re
@@ -27,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from harness import SERVICES_ENV, services_environment
+
 REPO = Path(__file__).resolve().parents[3]
-ENV_FILE = REPO / "var" / "services" / "env.sh"
 DATA = REPO / "tests" / "data" / "schedulers"
 USER = "hpcuser"
 
@@ -41,14 +41,9 @@ settings = AgentSettings(request["directory"],
                          {"HPC_JOB_WORKING_DIRECTORY": request["directory"] + "/jobs",
                           "HPC_SCHEDULER_CLASS": request["class"]})
 base = settings.scheduler_class()  # the seed's names resolve from here on
-spawned = []
-
-class Counted(base):
-    @classmethod
-    def run(cls, argv, timeout=None, cwd=None):
-        result = super().run(argv, timeout, cwd)
-        spawned.append({"argv": list(argv), "stdout": result.stdout, "cwd": cwd})
-        return result
+from scheduler_fakes import counted
+Counted = counted(base)
+spawned = Counted.spawned
 
 for key, value in request.get("attributes", {}).items():
     setattr(Counted, key, value)
@@ -81,18 +76,6 @@ for op, *args in request["ops"]:
         results.append({"error": f"{type(error).__name__}: {error}", "spawned": list(spawned)})
 json.dump(results, sys.stdout)
 '''
-
-
-def services_environment():
-    """The services' variables: the environment's, else env.sh's."""
-    if "HPC_TEST_SLURM" in os.environ or "HPC_TEST_SGE" in os.environ:
-        return dict(os.environ)
-    if not ENV_FILE.exists():
-        return {}
-    # env.sh is shell: let the shell read it.
-    dumped = subprocess.run(["bash", "-c", f'set -a; . "{ENV_FILE}"; env -0'],
-                            check=True, capture_output=True).stdout.decode()
-    return dict(item.split("=", 1) for item in dumped.split("\0") if "=" in item)
 
 
 class AsUser:
@@ -140,7 +123,8 @@ def as_user(class_path, extra_environment, portal=None):
         class_path = install(directory, portal)
     for path in [directory, *(str(p) for p in Path(directory).rglob("*"))]:
         shutil.chown(path, USER)
-    environment = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": directory,
+    environment = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+                   "HOME": directory,
                    "PYTHONDONTWRITEBYTECODE": "1", **extra_environment}
     return AsUser(class_path, environment, directory)
 
@@ -149,7 +133,8 @@ def as_user(class_path, extra_environment, portal=None):
 def slurm():
     env = services_environment()
     if env.get("HPC_TEST_SLURM") != "1":
-        pytest.skip(f"no test Slurm: set HPC_TEST_SLURM=1 or run scripts/services.sh ({ENV_FILE})")
+        pytest.skip("no test Slurm: set HPC_TEST_SLURM=1 or run scripts/services.sh "
+                    f"({SERVICES_ENV})")
     runner = as_user("hpc_agent.schedulers.slurm.Slurm", {})
     runner.accounting = env.get("HPC_TEST_SLURM_ACCOUNTING", "jobcomp")
     yield runner
@@ -161,7 +146,8 @@ def seed_slurm():
     """The seed-style portal's Slurm class (tests/seedportal/cluster), as hpcuser."""
     env = services_environment()
     if env.get("HPC_TEST_SLURM") != "1":
-        pytest.skip(f"no test Slurm: set HPC_TEST_SLURM=1 or run scripts/services.sh ({ENV_FILE})")
+        pytest.skip("no test Slurm: set HPC_TEST_SLURM=1 or run scripts/services.sh "
+                    f"({SERVICES_ENV})")
     runner = as_user(None, {}, portal="slurm")
     yield runner
     shutil.rmtree(runner.directory, ignore_errors=True)
@@ -172,7 +158,7 @@ def sge():
     env = services_environment()
     if env.get("HPC_TEST_SGE") != "1":
         pytest.skip(f"no test Grid Engine: set HPC_TEST_SGE=1 or run scripts/services.sh "
-                    f"({ENV_FILE})")
+                    f"({SERVICES_ENV})")
     runner = as_user("hpc_agent.schedulers.sge.SGE",
                      {k: env[k] for k in ("SGE_ROOT", "SGE_CELL")})
     yield runner
