@@ -67,4 +67,9 @@ def test_a_seed_portal_runs_on_the_real_slurm(portal_hpcd, ssh_server, remote_ag
         (mail,) = wait_for(lambda: list(SentMail.objects.filter(job=job)), what="the mail")
         assert mail.subject == "Your job on slurm is Completed"
     finally:
-        subprocess.run(["scancel", "-u", ssh_server["user"]], capture_output=True)
+        # Only this test's jobs: other tests may share the test user's queue.
+        listed = subprocess.run(["squeue", "-h", "-u", ssh_server["user"], "-o", "%i %j"],
+                                capture_output=True, text=True).stdout.split("\n")
+        mine = [line.split()[0] for line in listed if f" {prefix}-" in line]
+        if mine:
+            subprocess.run(["scancel", *mine], capture_output=True)
