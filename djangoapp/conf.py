@@ -57,6 +57,10 @@ DEFAULTS = {
     # notification from Django costs at most this long) and for clusters
     # added, enabled or disabled in the database.
     "HPC_DISPATCH_SCAN_SECONDS": 30.0,
+    # A job hpcd owes a message to (PENDING, SUBMITTING, CANCELLING,
+    # DELETING) that has not moved for this many seconds is named in hpcd's
+    # log, with what it waits for, and again each further period.
+    "HPC_STUCK_JOB_SECONDS": 600.0,
     # Seconds hpcd waits, after it starts or loses an agent, for the agent to
     # come back by itself before it launches a new one.
     "HPC_AGENT_RESUME_GRACE_SECONDS": 15.0,

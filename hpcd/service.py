@@ -136,6 +136,7 @@ class Daemon(service.MultiService):
         from hpcd.shells import Shells
         from hpcd.store import Store
         from hpcd.transfers import Transfers
+        from hpcd.watchdog import StuckJobs
 
         self.reactor = reactor
         self.settings = settings
@@ -152,6 +153,8 @@ class Daemon(service.MultiService):
         self.dispatcher = Dispatcher(reactor, self.store, self.clusters,
                                      float(settings.HPC_DISPATCH_SCAN_SECONDS))
         self.dispatcher.setServiceParent(self)
+        StuckJobs(reactor, self.store, self.clusters,
+                  float(settings.HPC_STUCK_JOB_SECONDS)).setServiceParent(self)
         self.clusters.on_online = lambda cluster_id: self.dispatcher.scan()
         self.transfers = Transfers(self)
         self._server_factory = server_factory

@@ -19,7 +19,7 @@ import time
 from datetime import timedelta
 
 from django.db import connection, connections, transaction
-from django.db.models import Count
+from django.db.models import Count, Max
 from django.utils import timezone
 from twisted.application import service
 from twisted.internet import threads
@@ -204,6 +204,20 @@ def work_thd(job_id=None):
              "parameters": parameters}
             for pk, status, cluster_id, parameters in rows
             if cluster_id is not None or pk in assigned]
+
+
+def stuck_jobs_thd(threshold_seconds, limit=100):
+    """Jobs hpcd owes a message to whose last change is older than the
+    threshold: ``[{"job", "status" (a name), "cluster_id", "waited" (s)}]``,
+    the longest waiting first, at most ``limit``."""
+    now = timezone.now()
+    rows = (HpcJob.objects.filter(job_status__in=[int(s) for s in NEEDS_DISPATCH])
+            .annotate(last=Max("status_changes__time"))
+            .filter(last__lt=now - timedelta(seconds=threshold_seconds))
+            .order_by("last").values_list("pk", "job_status", "cluster_id", "last")[:limit])
+    return [{"job": pk, "status": JobStatus(status).name, "cluster_id": cluster_id,
+             "waited": (now - last).total_seconds()}
+            for pk, status, cluster_id, last in rows]
 
 
 def transition_thd(job_id, new, detail=""):
@@ -438,6 +452,9 @@ class Store(service.Service):
 
     def work(self, job_id=None):
         return self.run(work_thd, job_id)
+
+    def stuck_jobs(self, threshold_seconds, limit=100):
+        return self.run(stuck_jobs_thd, threshold_seconds, limit)
 
     def transition(self, job_id, new, detail=""):
         return self.run(transition_thd, job_id, new, detail)
