@@ -1,0 +1,163 @@
+"""hpcd's AMP server for Django (hpcd.ipc.ControlProtocol), over an in-memory
+connection (twisted.test.iosim) with a fake daemon: what Django sends, what it
+gets back, and how failures are translated into the errors Django sees."""
+
+import datetime
+
+import pytest
+from twisted.internet import defer
+from twisted.protocols import amp
+from twisted.test import iosim
+
+from djangoapp import protocol as commands
+from djangoapp.protocol import (AgentError, ClusterOffline, HpcdError, NotFound, PathRefused)
+from fakes import mismatches
+from hpcd.agents import AgentSession
+from hpcd.clusters import ClusterManager
+from hpcd.ipc import ControlProtocol
+from hpcd.store import Store
+
+UTC = datetime.timezone.utc
+
+
+class FakeSession:
+    def __init__(self, cluster_id, pages=None):
+        self.cluster_id = cluster_id
+        self.token_id = 40 + cluster_id
+        self.claim = {"purpose": "agent", "created": datetime.datetime(2026, 1, 2, tzinfo=UTC),
+                      "expires": None, "used_at": datetime.datetime(2026, 1, 3, tzinfo=UTC)}
+        self.requests = []
+        self.pages = pages or []
+        self.sent = []
+
+    def request(self, mtype, timeout=None, **fields):
+        self.requests.append((mtype, fields))
+        return defer.succeed(self.pages.pop(0))
+
+    def send_message(self, message):
+        self.sent.append(message)
+
+
+class FakeClusters:
+    def __init__(self):
+        self.sessions = {}
+        self.connects = []
+
+    def session(self, cluster_id):
+        return self.sessions.get(cluster_id)
+
+    def require_session(self, cluster_id):
+        if cluster_id not in self.sessions:
+            raise ClusterOffline(f"cluster {cluster_id} has no connected agent")
+        return self.sessions[cluster_id]
+
+    def try_connect(self, cluster_id, force):
+        self.connects.append((cluster_id, force))
+        if cluster_id == 404:
+            return defer.fail(NotFound("no enabled cluster with id 404"))
+        if cluster_id == 500:
+            return defer.fail(RuntimeError("a bug"))
+        return defer.succeed(None)
+
+
+class FakeDispatcher:
+    def __init__(self):
+        self.notified = []
+
+    def notify(self, job_id):
+        self.notified.append(job_id)
+        return defer.Deferred()  # never fires: Django must not wait for it
+
+
+class FakeStore:
+    def token_cluster(self, token_id):
+        return defer.succeed({41: 1}.get(token_id))
+
+
+class FakeDaemon:
+    def __init__(self):
+        self.clusters = FakeClusters()
+        self.dispatcher = FakeDispatcher()
+        self.store = FakeStore()
+
+
+def test_the_fakes_match_the_real_classes():
+    assert mismatches(FakeClusters, ClusterManager) == []
+    assert mismatches(FakeStore, Store) == []
+    assert mismatches(FakeSession, AgentSession) == []
+
+
+@pytest.fixture
+def daemon():
+    return FakeDaemon()
+
+
+@pytest.fixture
+def call(daemon):
+    server = ControlProtocol(daemon)
+    client = amp.AMP()
+    pump = iosim.connect(server, iosim.makeFakeServer(server), client,
+                         iosim.makeFakeClient(client))
+
+    def call(command, **arguments):
+        results = []
+        client.callRemote(command, **arguments).addBoth(results.append)
+        pump.flush()
+        (result,) = results
+        if hasattr(result, "raiseException"):
+            result.raiseException()
+        return result
+
+    return call
+
+
+def test_is_cluster_online_answers_the_live_token_from_memory(call, daemon):
+    assert call(commands.IsClusterOnline, cluster_id=1)["token_id"] == 0
+    daemon.clusters.sessions[1] = FakeSession(1)
+    answer = call(commands.IsClusterOnline, cluster_id=1)
+    assert answer["token_id"] == 41 and answer["purpose"] == "agent"
+    assert answer["created"] == datetime.datetime(2026, 1, 2, tzinfo=UTC)
+    assert answer["expires"] is None
+
+
+def test_dispatch_answers_at_once_and_the_work_goes_on(call, daemon):
+    assert call(commands.Dispatch, job_id=9) == {}
+    assert daemon.dispatcher.notified == [9]
+
+
+def test_try_connect_passes_errors_as_djangos_classes(call, daemon):
+    assert call(commands.TryConnect, cluster_id=1, force=True) == {}
+    with pytest.raises(NotFound, match="404"):
+        call(commands.TryConnect, cluster_id=404, force=False)
+    # A bug in hpcd is an HpcdError with its message, and the connection lives on.
+    with pytest.raises(HpcdError, match="hpcd failed: a bug"):
+        call(commands.TryConnect, cluster_id=500, force=False)
+    assert call(commands.TryConnect, cluster_id=2, force=False) == {}
+    assert daemon.clusters.connects == [(1, True), (404, False), (500, False), (2, False)]
+
+
+def test_a_file_list_is_gathered_from_the_agents_pages(call, daemon):
+    daemon.clusters.sessions[1] = FakeSession(1, pages=[
+        {"files": [["a", False, 1]], "truncated": True, "next": 1},
+        {"files": [["b", True, 0]], "truncated": False, "next": None}])
+    answer = call(commands.ListFiles, cluster_id=1, job_id=5, path="/", recursive=True)
+    assert answer == {"files": [["a", False, 1], ["b", True, 0]]}
+    assert [f["offset"] for _, f in daemon.clusters.sessions[1].requests] == [0, 1]
+
+
+def test_an_offline_cluster_and_a_refused_path_keep_their_error_classes(call, daemon):
+    with pytest.raises(ClusterOffline):
+        call(commands.ListFiles, cluster_id=3, job_id=5, path="/", recursive=False)
+    session = daemon.clusters.sessions[1] = FakeSession(1)
+    session.request = lambda mtype, timeout=None, **fields: defer.fail(
+        AgentError("the agent answered path_refused: outside", "path_refused"))
+    with pytest.raises(PathRefused, match="outside"):
+        call(commands.ListFiles, cluster_id=1, job_id=5, path="../x", recursive=False)
+
+
+def test_send_message_goes_only_over_the_tokens_live_connection(call, daemon):
+    session = daemon.clusters.sessions[1] = FakeSession(1)
+    assert call(commands.SendMessage, token_id=41, message={"type": "ack", "seqs": []}) == {}
+    assert session.sent == [{"type": "ack", "seqs": []}]
+    with pytest.raises(NotFound, match="no live connection"):
+        call(commands.SendMessage, token_id=99, message={"type": "ack", "seqs": []})
