@@ -340,12 +340,21 @@ def _healthy_connections():
         if conn.connection is None:
             continue
         if conn.get_autocommit() != conn.settings_dict["AUTOCOMMIT"]:
-            conn.close()
+            _discard(conn)
         elif conn.errors_occurred or idle > IDLE_CHECK_SECONDS:
             if _works(conn):
                 conn.errors_occurred = False
             else:
-                conn.close()
+                _discard(conn)
+
+
+def _discard(conn):
+    # Closing a connection the server already dropped may raise (MySQLdb:
+    # "2006 server has gone away"); Django forgets it all the same.
+    try:
+        conn.close()
+    except Exception:
+        pass
 
 
 def run_thd(f, *args, **kwargs):

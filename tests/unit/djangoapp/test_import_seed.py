@@ -165,7 +165,7 @@ def test_clusters_and_jobs_keep_their_ids_states_times_and_plain_parameters(seed
     with connection.cursor() as cursor:
         cursor.execute("SELECT p.name, j.job_status FROM portal_portaljob p JOIN "
                        "djangoapp_hpcjob j ON j.id = p.hpcjob_ptr_id ORDER BY j.id")
-        assert cursor.fetchall()[:2] == [("portal job 3", 500), ("portal job 4", 400)]
+        assert list(cursor.fetchall())[:2] == [("portal job 3", 500), ("portal job 4", 400)]
     # New rows do not collide with imported ids (PostgreSQL's sequences moved on).
     assert HpcJob.objects.create().pk > 13
     assert HpcCluster.objects.create(host_name="new", client_path="/n").pk > 9
