@@ -264,8 +264,8 @@ class HpcCluster(models.Model):
         if (offset or length is not None) and info["total_size"] is not None:
             http.status_code = 206
             if info["size"]:
-                http["Content-Range"] = (f"bytes {info['offset']}-"
-                                         f"{info['offset'] + info['size'] - 1}/{info['total_size']}")
+                last = info["offset"] + info["size"] - 1
+                http["Content-Range"] = f"bytes {info['offset']}-{last}/{info['total_size']}"
         return http
 
     def file_checksum(self, path, ui_id=None):

@@ -122,6 +122,7 @@ class Upload:
         self.size = None  # unknown until the end
         self.received = 0
         self.sha256 = hashlib.sha256()
+        self._flowing = False  # Django's connection is the agent's producer
 
     # -- states ------------------------------------------------------------------
 
@@ -173,7 +174,7 @@ class Upload:
 
     @_machine.input()
     def broke(self, why, code):
-        "Something went wrong (``code``: the error Django sees): bad input, the agent's file_error, a timeout."
+        "Something went wrong (``code``: the error Django sees): bad input, a file_error."
 
     @_machine.input()
     def source_lost(self):
@@ -195,6 +196,7 @@ class Upload:
         self.sink = sink
         # Django's connection pauses while the agent's is full.
         self.source.transport.registerProducer(sink.transport, True)
+        self._flowing = True
 
     @_machine.output()
     def _forward(self, data):
@@ -202,7 +204,7 @@ class Upload:
 
     @_machine.output()
     def _send_end(self, size, sha256):
-        self.source.transport.unregisterProducer()
+        self._stop_flow()
         self.size = size
         self.source.send_frame(wire.encode("upload_end", size=size, sha256=sha256))
 
@@ -231,10 +233,15 @@ class Upload:
         if not self.ready.called:
             self.ready.errback(HpcdError(why))
         if self.source is not None:
-            self.source.transport.unregisterProducer()
+            self._stop_flow()
             self.source.sendClose(1000, why[:100])
         if self.sink is not None:
             self._answer({"ok": False, "error": code.decode("ascii"), "message": why})
+
+    def _stop_flow(self):
+        if self._flowing:
+            self._flowing = False
+            self.source.transport.unregisterProducer()
 
     def _answer(self, answer):
         self.sink.transport.write(json.dumps(answer).encode() + b"\n")
