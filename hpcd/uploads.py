@@ -343,6 +343,7 @@ def start_upload(transfers, session, job_id, path):
                       f"{path!r} within {timeout:g} s") from None
     except HpcdError:
         upload.fail("refused")
+        upload.ready.addErrback(lambda _: None)  # the request's error is the one to report
         raise
     finally:
         transfers._by_token.pop(token_id, None)
