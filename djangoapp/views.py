@@ -300,6 +300,11 @@ def _fetch(job, path, spec, download):
         return _unsatisfiable(info["total_size"])
     if info["total_size"] is not None and info["mtime"] is not None:
         _headers(response, info["name"], info["total_size"], info["mtime"], download)
+        if spec is not None:
+            # "bytes=0-" too: a range was asked for, so a range is answered.
+            response.status_code = 206
+            response["Content-Range"] = (f"bytes {offset}-{offset + info['size'] - 1}/"
+                                         f"{info['total_size']}")
     return response
 
 

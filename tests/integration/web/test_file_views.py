@@ -60,6 +60,7 @@ def test_a_whole_file_with_its_validators(client, job):
 
 @pytest.mark.parametrize("header, start, end", [
     ("bytes=0-99", 0, 99),                      # the first bytes
+    ("bytes=0-", 0, len(DATA) - 1),             # all of it, as a range
     ("bytes=500000-500999", 500000, 500999),    # the middle
     (f"bytes={len(DATA) - 10}-", len(DATA) - 10, len(DATA) - 1),  # to the end
     ("bytes=-100", len(DATA) - 100, len(DATA) - 1),  # a suffix
