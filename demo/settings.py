@@ -20,6 +20,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "djangoapp",
+    "portal",  # the demo's own pages (demo/portal/): an example portal
 ]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -39,6 +40,9 @@ TEMPLATES = [{
     ]},
 }]
 STATIC_URL = "static/"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "portal:jobs"
+LOGOUT_REDIRECT_URL = "login"
 DATABASES = {"default": {
     "ENGINE": "django.db.backends.sqlite3",
     "NAME": os.path.join(BASE, "db.sqlite3"),

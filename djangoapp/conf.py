@@ -106,6 +106,14 @@ DEFAULTS = {
     # Most log lines per second for one kind of warning (the same message
     # format); the rest are counted and reported as one line.  0: no limit.
     "HPC_LOG_WARNINGS_PER_SECOND": 5,
+    # -- files over HTTP: ranges, checksums, uploads (issue 10) --
+    # Seconds hpcd waits for an agent to compute a file's SHA-256
+    # (file_checksum reads the whole file; HPC_AGENT_REQUEST_TIMEOUT is too
+    # short for a large one).
+    "HPC_FILE_CHECKSUM_TIMEOUT": 3600.0,
+    # Largest file upload_file() accepts, in bytes (Django, hpcd and the agent
+    # each stop a larger one).  None: no limit.
+    "HPC_UPLOAD_MAX_BYTES": 10 * 1024 ** 3,
 }
 
 

@@ -14,7 +14,9 @@ this client checks that the process at the other end (``SO_PEERCRED``) runs
 as the owner of that directory, as root, or as this process's own user.
 """
 
+import hashlib
 import itertools
+import json
 import os
 import socket
 import stat
@@ -25,9 +27,10 @@ import time
 from twisted.protocols import amp
 
 from djangoapp.conf import hpc_settings
-from djangoapp.protocol import ERROR_CLASSES, TRAILER_OK, TRAILER_SIZE, HpcdError
+from djangoapp.protocol import (ERROR_CLASSES, TRAILER_OK, TRAILER_SIZE, UPLOAD_CHUNK_HEADER,
+                                HpcdError, TooLarge)
 
-__all__ = ["call", "open_stream", "HpcdUnavailable", "HpcdError"]
+__all__ = ["call", "open_stream", "send_stream", "HpcdUnavailable", "HpcdError"]
 
 
 class HpcdUnavailable(HpcdError):
@@ -301,3 +304,86 @@ class _RateMeter:
                                 f"HPC_FILE_MIN_BYTES_PER_SECOND ({self._minimum:g}); "
                                 "transfer aborted")
             self._waited, self._got = 0.0, 0
+
+
+def send_stream(command, fileobj, /, limit=None, timeout=None, **arguments):
+    """Send ``fileobj`` after a protocol-switching command (``UploadFile``).
+
+    Reads it in chunks of ``HPC_FILE_CONNECTION_CHUNK_SIZE`` and sends each
+    as soon as hpcd takes it (a blocking ``sendall``: when the agent writes
+    slowly, hpcd stops reading and this waits), then the end with the
+    SHA-256 of everything sent.  Returns hpcd's answer, ``{"size",
+    "sha256", "mtime"}`` once the file is in place, and raises its error
+    otherwise.  More than ``limit`` bytes raise :class:`TooLarge` before
+    any byte beyond it is sent.  ``timeout``: seconds to wait for hpcd at
+    each step (``HPC_IPC_TIMEOUT`` by default).
+    """
+    header = struct.Struct(UPLOAD_CHUNK_HEADER)
+    connection = _Connection(socket_path(), timeout or _timeout())
+    try:
+        _ask(connection, command, arguments)
+    except HpcdError:
+        connection.close()
+        raise
+    except OSError as e:
+        connection.close()
+        raise HpcdUnavailable(f"talking to hpcd failed: {e}") from None
+    chunk_size = int(hpc_settings.HPC_FILE_CONNECTION_CHUNK_SIZE)
+    digest = hashlib.sha256()
+    size = 0
+    def send(*parts):
+        try:
+            for part in parts:
+                connection.sock.sendall(part)
+        except (BrokenPipeError, ConnectionResetError):
+            return False  # hpcd gave up on the upload; its answer says why
+        except (socket.timeout, OSError) as e:
+            raise HpcdError(f"sending the file to hpcd failed: {e}") from None
+        return True
+
+    try:
+        while True:
+            # Errors reading fileobj are the caller's, and reach it as they
+            # are; hpcd sees the connection close and the agent drops the
+            # partial file.
+            data = fileobj.read(chunk_size)
+            if not data:
+                send(header.pack(0) + digest.digest())
+                break
+            size += len(data)
+            if limit is not None and size > limit:
+                raise TooLarge(f"the file is larger than the upload limit of {limit} "
+                               "bytes (HPC_UPLOAD_MAX_BYTES)")
+            digest.update(data)
+            if not send(header.pack(len(data)), data):
+                break
+        answer = _read_line(connection)
+    finally:
+        connection.close()
+    if answer is None:
+        raise HpcdError("hpcd closed the upload without an answer; the file was not put in place")
+    if not answer.get("ok"):
+        code = str(answer.get("error", "")).encode("ascii", "replace")
+        raise ERROR_CLASSES.get(code, HpcdError)(answer.get("message") or "the upload failed")
+    if (answer.get("size"), answer.get("sha256")) != (size, digest.hexdigest()):
+        raise HpcdError("hpcd reported another size or checksum than was sent")
+    return {"size": answer["size"], "sha256": answer["sha256"], "mtime": answer["mtime"]}
+
+
+def _read_line(connection):
+    """hpcd's one-line JSON answer after an upload, or None if it closed first."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        try:
+            data = connection.read_raw(4096)
+        except (socket.timeout, OSError):
+            return None
+        if not data:
+            return None
+        line += data
+        if len(line) > 65536:
+            return None
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None

@@ -17,6 +17,7 @@ from django.apps import apps
 from django.db import models, router, transaction
 from django.http import StreamingHttpResponse
 from django.utils import timezone
+from django.utils.http import content_disposition_header, http_date
 from django.utils.module_loading import import_string
 
 from djangoapp import crypto, ipc, protocol, submission, transitions
@@ -176,19 +177,23 @@ class HpcCluster(models.Model):
         """
         ipc.call(protocol.TryConnect, cluster_id=self.pk, force=force)
 
-    def fetch_remote_file_list(self, path="/", recursive=True, ui_id=None):
+    def fetch_remote_file_list(self, path="/", recursive=True, ui_id=None, with_mtime=False):
         """``[{"path", "is_dir", "size"}, ...]`` below ``path`` on the cluster.
 
         With ``ui_id`` the path is relative to that job's working directory;
         without, it must lie in a directory the agent's settings allow.
         The result is a :class:`FileList`: a list of those dicts that can
         also be read the way the seed's GET_FILE_TREE message was.
+        ``with_mtime``: each dict also has ``"mtime"`` (seconds since the epoch).
         """
+        arguments = {"with_mtime": True} if with_mtime else {}
         files = ipc.call(protocol.ListFiles, cluster_id=self.pk, job_id=ui_id, path=path,
-                         recursive=recursive)["files"]
-        return FileList({"path": p, "is_dir": d, "size": s} for p, d, s in files)
+                         recursive=recursive, **arguments)["files"]
+        keys = ("path", "is_dir", "size", "mtime")
+        return FileList(dict(zip(keys, entry)) for entry in files)
 
-    def fetch_remote_file(self, path, ui_id=None, force_download=True, extra_params=None):
+    def fetch_remote_file(self, path, ui_id=None, force_download=True, extra_params=None,
+                          offset=0, length=None):
         """A StreamingHttpResponse of a file on the cluster.
 
         With ``ui_id`` the path is relative to that job's working directory
@@ -198,10 +203,21 @@ class HpcCluster(models.Model):
         memory use does not grow with the file's size.  ``extra_params`` (any
         JSON value) is handed to the agent's scheduler's ``file_send_start``
         and ``file_send_end``, e.g. to build an archive on the fly.
+
+        ``offset`` and ``length`` (None: to the end) ask for part of the file:
+        the agent seeks, and nothing before ``offset`` is sent.  The response
+        is then a 206 with ``Content-Range``.  Every response carries
+        ``Last-Modified``, an ``ETag`` made of size and mtime, and
+        ``Accept-Ranges``; ``response.file_info`` holds ``name``, ``size``
+        (of the bytes sent), ``total_size``, ``mtime`` and ``offset``.
         """
         arguments = {"cluster_id": self.pk, "job_id": ui_id, "path": path}
         if extra_params is not None:
             arguments["extra_params"] = extra_params
+        if offset:
+            arguments["offset"] = int(offset)
+        if length is not None:
+            arguments["length"] = int(length)
         response, chunks = ipc.open_stream(protocol.FetchFile, **arguments)
         name = response["name"]
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
@@ -209,7 +225,27 @@ class HpcCluster(models.Model):
         http["Content-Length"] = str(response["size"])
         if force_download:
             http["Content-Disposition"] = _attachment(name)
+        info = {"name": name, "size": response["size"], "offset": int(offset or 0),
+                "total_size": response.get("total_size"), "mtime": response.get("mtime")}
+        http.file_info = info
+        http["Accept-Ranges"] = "bytes"
+        if info["mtime"] is not None and info["total_size"] is not None:
+            http["Last-Modified"] = http_date(info["mtime"])
+            http["ETag"] = file_etag(info["total_size"], info["mtime"])
+        if (offset or length is not None) and info["total_size"] is not None:
+            http.status_code = 206
+            if info["size"]:
+                last = info["offset"] + info["size"] - 1
+                http["Content-Range"] = f"bytes {info['offset']}-{last}/{info['total_size']}"
         return http
+
+    def file_checksum(self, path, ui_id=None):
+        """``{"sha256", "size", "mtime"}`` of a file, computed by the agent
+        reading it on the cluster (nothing is transferred).  Paths as for
+        :meth:`fetch_remote_file`.  Waits up to HPC_FILE_CHECKSUM_TIMEOUT."""
+        timeout = float(hpc_settings.HPC_FILE_CHECKSUM_TIMEOUT)
+        return ipc.call(protocol.FileChecksum, timeout=timeout + 5, cluster_id=self.pk,
+                        job_id=ui_id, path=path)
 
     def get_ssh_connection(self):
         """A connection to run commands on the cluster, held by hpcd.
@@ -251,8 +287,14 @@ class HpcCluster(models.Model):
 
 
 def _attachment(name):
-    safe = name.replace("\\", "_").replace('"', "_")
-    return f'attachment; filename="{safe}"'
+    # RFC 6266: filename*= for names that plain ASCII cannot carry.
+    return content_disposition_header(True, name)
+
+
+def file_etag(size, mtime):
+    """A strong ETag from a file's size and mtime (to the microsecond): it
+    changes whenever the file does, as far as the file system can tell."""
+    return f'"{int(size):x}-{int(round(float(mtime) * 1e6)):x}"'
 
 
 class HpcJobManager(models.Manager):
@@ -460,17 +502,66 @@ class HpcJob(models.Model):
             raise JobStateError(f"job {self.pk} has no cluster yet")
         return self.cluster
 
-    def fetch_remote_file_list(self, path="/", recursive=True):
+    def fetch_remote_file_list(self, path="/", recursive=True, with_mtime=False):
         """The job's files below ``path`` (relative to its working directory):
-        a :class:`FileList` of ``{"path", "is_dir", "size"}``."""
-        return self._require_cluster().fetch_remote_file_list(path, recursive, ui_id=self.pk)
+        a :class:`FileList` of ``{"path", "is_dir", "size"}`` (and ``"mtime"``
+        with ``with_mtime``)."""
+        return self._require_cluster().fetch_remote_file_list(path, recursive, ui_id=self.pk,
+                                                              with_mtime=with_mtime)
 
-    def fetch_remote_file(self, path, force_download=True, extra_params=None):
+    def fetch_remote_file(self, path, force_download=True, extra_params=None, offset=0,
+                          length=None):
         """A StreamingHttpResponse of one of the job's files (a path relative
         to its working directory; a leading ``/`` is ignored).
-        ``extra_params``: see :meth:`HpcCluster.fetch_remote_file`."""
+        ``extra_params``, ``offset`` and ``length`` (a range: the agent
+        seeks): see :meth:`HpcCluster.fetch_remote_file`."""
         return self._require_cluster().fetch_remote_file(
-            path, ui_id=self.pk, force_download=force_download, extra_params=extra_params)
+            path, ui_id=self.pk, force_download=force_download, extra_params=extra_params,
+            offset=offset, length=length)
+
+    def file_checksum(self, path):
+        """``{"sha256", "size", "mtime"}`` of one of the job's files, computed
+        by the agent on the cluster while reading it (nothing is transferred)."""
+        return self._require_cluster().file_checksum(path, ui_id=self.pk)
+
+    def upload_file(self, relative_path, fileobj):
+        """Put ``fileobj`` (anything with ``read(n)``: an uploaded file, an
+        open file) in the job's working directory as ``relative_path``.
+
+        Streams with flow control end to end; missing directories are made
+        inside the working directory, which the agent creates if the job has
+        not run yet (so input files can go in before :meth:`submit`, once the
+        job's ``cluster`` is set).  The same confinement as reads: no path
+        outside the directory, not even through a symlink, and only a regular
+        file is ever replaced.  The file appears under its name only when
+        complete and its SHA-256 matches: an upload cut off halfway leaves
+        whatever was there before.  At most HPC_UPLOAD_MAX_BYTES
+        (``TooLarge``).  Returns ``{"size", "sha256", "mtime"}``.
+
+        A scheduler written for the seed empties the working directory when
+        it submits: with one, upload after submission.
+        """
+        cluster = self._require_cluster()
+        if self.job_status in (JobStatus.DELETING, JobStatus.DELETED):
+            raise JobStateError(f"job {self.pk} is {_status_name(self.job_status)}: its "
+                                "directory is gone, or going")
+        limit = hpc_settings.HPC_UPLOAD_MAX_BYTES
+        return ipc.send_stream(protocol.UploadFile, fileobj,
+                               limit=None if limit is None else int(limit),
+                               cluster_id=cluster.pk, job_id=self.pk, path=relative_path)
+
+    def user_can_access_files(self, user, write=False):
+        """Whether ``user`` may list and download this job's files through
+        ``djangoapp.urls`` (and upload into its directory, with ``write``).
+
+        Override for a portal's own rule, e.g. the job's owner::
+
+            def user_can_access_files(self, user, write=False):
+                return user.is_authenticated and self.owner_id == user.pk
+
+        The default lets active staff users in, and no one else.
+        """
+        return bool(user.is_active and user.is_staff)
 
 
 def _not_a_draft(job_id, old):

@@ -16,13 +16,14 @@ from twisted.protocols import amp
 
 __all__ = [
     # errors
-    "HpcdError", "ClusterOffline", "NotFound", "PathRefused", "AgentError", "Timeout",
-    "SSHFailed", "ERROR_CLASSES",
+    "HpcdError", "ClusterOffline", "NotFound", "PathRefused", "FileMissing", "AgentError",
+    "Timeout", "SSHFailed", "TooLarge", "ERROR_CLASSES",
     # argument types, and the end of a streamed file
-    "Bytes", "JSONValue", "TRAILER_OK", "TRAILER_SIZE",
+    "Bytes", "JSONValue", "TRAILER_OK", "TRAILER_SIZE", "UPLOAD_CHUNK_HEADER",
     # commands
     "IsClusterOnline", "TryConnect", "Dispatch", "ListFiles", "FetchFile", "SendMessage",
-    "ScanHostKeys", "OpenShell", "RunCommand", "CloseShell", "Status",
+    "ScanHostKeys", "OpenShell", "RunCommand", "CloseShell", "Status", "FileChecksum",
+    "UploadFile",
 ]
 
 
@@ -40,6 +41,11 @@ class NotFound(HpcdError):
 
 class PathRefused(HpcdError):
     """The path is outside what the agent may read, or does not exist."""
+
+
+class FileMissing(PathRefused):
+    """No such file or directory (a PathRefused, so code written before it
+    still catches it; a view answers 404 for it and 403 for the others)."""
 
 
 class AgentError(HpcdError):
@@ -64,6 +70,8 @@ class SSHFailed(HpcdError):
 _ERRORS = {
     ClusterOffline: b"CLUSTER_OFFLINE",
     NotFound: b"NOT_FOUND",
+    # Before PathRefused, its base: AMP picks the first class that matches.
+    FileMissing: b"FILE_MISSING",
     PathRefused: b"PATH_REFUSED",
     AgentError: b"AGENT_ERROR",
     Timeout: b"TIMEOUT",
@@ -162,10 +170,12 @@ class Dispatch(amp.Command):
 
 
 class ListFiles(amp.Command):
-    """``[[path, is_dir, size], ...]`` from the agent."""
+    """``[[path, is_dir, size], ...]`` from the agent; with ``with_mtime``
+    each entry has the file's mtime as a fourth element."""
 
     arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer(optional=True)),
-                 (b"path", amp.Unicode()), (b"recursive", amp.Boolean())]
+                 (b"path", amp.Unicode()), (b"recursive", amp.Boolean()),
+                 (b"with_mtime", amp.Boolean(optional=True))]
     response = [(b"files", JSONValue())]
     errors = _ERRORS
 
@@ -181,11 +191,18 @@ class FetchFile(amp.ProtocolSwitchCommand):
     """Stream a file: the answer carries its size, then the connection
     carries exactly that many bytes, the trailer, and closes.  ``extra_params``
     (any JSON value, absent when not given) goes to the agent's scheduler's
-    file_send_start/file_send_end."""
+    file_send_start/file_send_end.  ``offset`` and ``length`` ask for a
+    range (the agent seeks: nothing before it is sent); ``size`` is then the
+    range's, ``total_size`` the whole file's, and ``mtime`` its modification
+    time (both absent from an hpcd or agent that predates them)."""
 
     arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer(optional=True)),
-                 (b"path", amp.Unicode()), (b"extra_params", JSONValue(optional=True))]
-    response = [(b"size", amp.Integer()), (b"name", amp.Unicode())]
+                 (b"path", amp.Unicode()), (b"extra_params", JSONValue(optional=True)),
+                 (b"offset", amp.Integer(optional=True)),
+                 (b"length", amp.Integer(optional=True))]
+    response = [(b"size", amp.Integer()), (b"name", amp.Unicode()),
+                (b"total_size", amp.Integer(optional=True)),
+                (b"mtime", amp.Float(optional=True))]
     errors = _ERRORS
 
     @classmethod
@@ -251,3 +268,45 @@ class Status(amp.Command):
     arguments = []
     response = [(b"status", JSONValue())]
     errors = _ERRORS
+
+
+# -- files: checksums and uploads (issue 10) ----------------------------------------
+
+class TooLarge(HpcdError):
+    """An upload is larger than HPC_UPLOAD_MAX_BYTES allows."""
+
+
+#: TooLarge first, then the others in their order (AMP picks the first match).
+_UPLOAD_ERRORS = {TooLarge: b"TOO_LARGE", **_ERRORS}
+ERROR_CLASSES[b"TOO_LARGE"] = TooLarge
+
+
+class FileChecksum(amp.Command):
+    """``{sha256, size, mtime}`` of a file, computed by the agent reading it
+    whole (a large file takes a while: hpcd waits up to
+    HPC_FILE_CHECKSUM_TIMEOUT)."""
+
+    arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer(optional=True)),
+                 (b"path", amp.Unicode())]
+    response = [(b"sha256", amp.Unicode()), (b"size", amp.Integer()), (b"mtime", amp.Float())]
+    errors = _ERRORS
+
+
+#: After UploadFile's (empty) answer the connection carries the file as
+#: chunks, each this header (its length) then its bytes; a chunk of length
+#: 0 ends it and is followed by the 32-byte SHA-256 of all the bytes.  hpcd
+#: then answers one line of JSON, ``{"ok": true, "size", "sha256", "mtime"}``
+#: once the agent has put the file in place, or ``{"ok": false, "error":
+#: CODE, "message": ...}`` (an error code of this module), and closes.
+UPLOAD_CHUNK_HEADER = "!I"
+
+
+class UploadFile(amp.ProtocolSwitchCommand):
+    """Receive a file into a job's working directory (``path`` relative to
+    it).  Answered once the agent is ready to write: see UPLOAD_CHUNK_HEADER
+    for what follows on the connection."""
+
+    arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer()),
+                 (b"path", amp.Unicode())]
+    response = []
+    errors = _UPLOAD_ERRORS

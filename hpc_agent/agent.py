@@ -45,7 +45,7 @@ class AgentCore:
     """The agent's behaviour, between one websocket and one scheduler."""
 
     def __init__(self, settings, state, reactor, threadpool, start_transfer, nvx=False,
-                 file_pool=None):
+                 file_pool=None, start_upload=None):
         self.settings = settings
         self.state = state
         self.scheduler_class = settings.scheduler_class()
@@ -54,6 +54,8 @@ class AgentCore:
         self._file_pool = file_pool if file_pool is not None else threadpool
         #: ``start_transfer(token, FileSource) -> Deferred`` (hpc_agent.transfer)
         self.start_transfer = start_transfer
+        #: ``start_upload(token, UploadSink) -> Deferred`` (hpc_agent.upload)
+        self.start_upload = start_upload
         self._nvx = nvx
         self.files = Workers(reactor, self.in_file_thread, FILE_THREADS,
                              float(settings.HPC_FILE_TIMEOUT_SECONDS))
@@ -85,6 +87,7 @@ class AgentCore:
             "list_files": self._file_requests.list_files,
             "fetch_file": self._file_requests.fetch_file,
             "file_checksum": self._file_requests.file_checksum,
+            "upload_file": self._file_requests.upload_file,
         }
 
     def in_thread(self, f, *args, **kwargs):

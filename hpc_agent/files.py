@@ -34,6 +34,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import stat
 
 #: Symlinks followed while resolving one path (the kernel's own limit).
@@ -46,6 +47,11 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 class PathRefused(Exception):
     """The path is outside every root it may be read from, does not exist,
     or is not something the agent serves (a FIFO, a device, a socket)."""
+
+
+class Missing(PathRefused):
+    """The path names nothing: no such file or directory (a web server's 404,
+    where the other refusals are its 403)."""
 
 
 def _parts(path):
@@ -101,7 +107,7 @@ class Roots:
                 self._fds[index] = os.open(self.paths[index],
                                            os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except FileNotFoundError:
-                raise PathRefused(f"{self.paths[index]} does not exist") from None
+                raise Missing(f"{self.paths[index]} does not exist") from None
         return self._fds[index]
 
     # -- naming ----------------------------------------------------------------
@@ -195,9 +201,9 @@ class Roots:
                             fd = os.dup(self.root_fd(index))
                             continue
                         if e.errno == errno.ENOTDIR:
-                            raise PathRefused(f"{original!r} does not exist") from None
+                            raise Missing(f"{original!r} does not exist") from None
                     if e.errno == errno.ENOENT:
-                        raise PathRefused(f"{original!r} does not exist") from None
+                        raise Missing(f"{original!r} does not exist") from None
                     raise
                 os.close(fd)
                 fd = child
@@ -248,6 +254,8 @@ def _kind(mode):
         return "a device file"
     if stat.S_ISDIR(mode):
         return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
     return "not a regular file"
 
 
@@ -321,7 +329,7 @@ def _open_unconfined(path):
             raise PathRefused(f"{path!r} is {_kind(before.st_mode)}, not a regular file")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise PathRefused(f"{path!r} does not exist") from None
+        raise Missing(f"{path!r} does not exist") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -433,3 +441,134 @@ def page(entries, offset=0, limit=None, max_bytes=None):
                 end = i
                 break
     return entries[offset:end], (end if end < len(entries) else None)
+
+
+# -- uploads -------------------------------------------------------------------
+
+class TooLarge(Exception):
+    """An upload went past its size limit."""
+
+
+class Upload:
+    """A file being received: a temporary file beside its final name, in the
+    directory ``dir_fd``.  :meth:`commit` renames it over the final name
+    once size and checksum match; :meth:`abort` removes it.  Until then the
+    final name is left as it was, whatever happens to the transfer."""
+
+    def __init__(self, dir_fd, name, temp, fd, where, max_size):
+        self.dir_fd = dir_fd
+        self.name = name
+        self.temp = temp
+        self.fd = fd
+        self.path = where
+        self.max_size = max_size
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+        self.finished = False
+
+    def write(self, data):
+        if self.max_size is not None and self.size + len(data) > self.max_size:
+            raise TooLarge(f"{self.path} would exceed the upload limit of {self.max_size} bytes")
+        self.sha256.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.size += len(data)
+
+    def commit(self, size, sha256):
+        """Put the file in place: ``{"size", "sha256", "mtime"}``."""
+        if (size, sha256) != (self.size, self.sha256.hexdigest()):
+            raise ValueError(f"the upload of {self.path} arrived damaged ({self.size} of {size} "
+                             "bytes, or a checksum mismatch); nothing was put in place")
+        os.fsync(self.fd)
+        # The final name may have become something else meanwhile: a
+        # directory makes the rename fail, and a symlink is replaced, never
+        # followed.  Anything but a regular file is refused.
+        _check_target(self.dir_fd, self.name, self.path)
+        os.rename(self.temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        mtime = os.fstat(self.fd).st_mtime
+        self.finished = True
+        self._close()
+        return {"size": self.size, "sha256": self.sha256.hexdigest(), "mtime": mtime}
+
+    def abort(self):
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            os.unlink(self.temp, dir_fd=self.dir_fd)
+        except OSError:
+            pass
+        self._close()
+
+    def _close(self):
+        for fd in (self.fd, self.dir_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _check_target(dir_fd, name, original):
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise PathRefused(f"{original!r} exists and is {_kind(st.st_mode)}: an upload only "
+                          "creates or replaces a regular file")
+
+
+def _directory(r, index, parts, original, mode):
+    """Open the directory ``parts`` below root ``index``, making what is
+    missing (with ``mode``), by the same walk as reads; ``(fd, index, parts)``."""
+    fd, st, index, resolved = r.open(index, [], original)
+    try:
+        for name in parts:
+            created = False
+            try:
+                child, st, index, resolved = r.open(index, resolved + [name], original)
+            except Missing:
+                try:
+                    os.mkdir(name, mode, dir_fd=fd)
+                    created = True
+                except FileExistsError:
+                    pass
+                child, st, index, resolved = r.open(index, resolved + [name], original)
+            if not stat.S_ISDIR(st.st_mode):
+                os.close(child)
+                raise PathRefused(f"{original!r}: {'/'.join(resolved)} is not a directory")
+            if created:
+                os.fchmod(child, mode)  # mkdir's mode went through the umask
+            os.close(fd)
+            fd = child
+        result, fd = (fd, index, resolved), -1
+        return result
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def create_upload(roots, path, job_relative=True, max_size=None, dir_mode=0o700):
+    """Start receiving ``path`` below the root: an :class:`Upload`.
+
+    The same confinement as reads (symlinks followed only inside the roots,
+    nothing opened by name outside them); missing parent directories are
+    made with ``dir_mode``; the final name may be new or a regular file.
+    """
+    with Roots(roots, job_relative) as r:
+        index, parts = r.locate(path)
+        if not parts:
+            raise PathRefused(f"{path!r} names the directory itself; an upload needs a file name")
+        name = parts[-1]
+        dir_fd, index, resolved = _directory(r, index, parts[:-1], path, dir_mode)
+        try:
+            _check_target(dir_fd, name, path)
+            # Hidden, and short enough for NAME_MAX whatever the final name.
+            temp = f".{name[:200]}.upload-{secrets.token_hex(4)}"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return Upload(dir_fd, name, temp, fd, r.display(index, resolved + [name]), max_size)

@@ -1,4 +1,5 @@
-"""The agent's file requests: listing, sending and checksumming job files.
+"""The agent's file requests: listing, sending, checksumming and receiving
+job files.
 
 Every blocking step runs on the agent's file workers, with a deadline
 (:mod:`hpc_agent.workers`), and every path is confined by :mod:`hpc_agent.files`.
@@ -11,12 +12,14 @@ transfer, a failed one too (whenever file_send_start returned).
 """
 
 import inspect
+import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from hpc_agent import files, wire
 from hpc_agent.transfer import FileSource, TransferFailed
+from hpc_agent.upload import UploadSink
 from hpc_agent.wire import RequestFailed
 from hpc_agent.workers import FilesUnavailable
 
@@ -74,6 +77,8 @@ class FileRequests:
 
         def failed(failure):
             e = failure.value
+            if failure.check(files.Missing):
+                raise RequestFailed("not_found", str(e))
             if failure.check(files.PathRefused):
                 raise RequestFailed("path_refused", str(e))
             if failure.check(FilesUnavailable):
@@ -160,3 +165,40 @@ class FileRequests:
                                    job_id is not None, what=f"the checksum of {path!r}",
                                    progress=True)
         return result
+
+    @defer.inlineCallbacks
+    def upload_file(self, message):
+        """Check the path and open a temporary file beside it, then receive
+        the bytes on a transfer connection (:mod:`hpc_agent.upload`).
+
+        A job that has not been submitted yet has no directory: it is made
+        here as a submission makes it (``HPC_JOB_DIRECTORY_MODE``), so a
+        portal can put input files in place before it submits.
+        """
+        job_id, path = message["job"], message["path"]
+        scheduler = self._core.scheduler(job_id)
+        mode = self._core.settings.HPC_JOB_DIRECTORY_MODE
+        yield self._files(_job_directory, scheduler, what=f"creating job {job_id}'s directory")
+        upload = yield self._files(
+            files.create_upload, [scheduler.get_working_directory()], path, True,
+            message.get("max_size"), mode, what=f"creating {path!r}",
+            cleanup=lambda late: late.abort())
+        call = self._core.files.call
+        sink = UploadSink(
+            upload.path,
+            write=lambda data: call(upload.write, data, what=f"writing {upload.path!r}"),
+            commit=lambda size, sha256: call(upload.commit, size, sha256,
+                                             what=f"completing {upload.path!r}"),
+            abort=lambda: call(upload.abort, what=f"removing the partial {upload.path!r}"))
+        done = self._core.start_upload(message["token"], sink)
+        done.addCallback(lambda result: log.info("received {path} ({size} bytes)",
+                                                 path=upload.path, size=result["size"]))
+        done.addErrback(self._transfer_failed)
+        return {}
+
+
+def _job_directory(scheduler):
+    """Make the job's working directory unless it is there (a job not yet
+    submitted: uploads come first)."""
+    if not os.path.isdir(scheduler.get_working_directory()):
+        scheduler.prepare_working_directory()

@@ -15,6 +15,7 @@ from hpc_agent.agent import AgentCore
 from hpc_agent.connection import Link
 from hpc_agent.state import AgentState, ThreadWriter
 from hpc_agent.transfer import send_file
+from hpc_agent.upload import receive_file
 
 log = Logger()
 
@@ -114,8 +115,11 @@ def run(settings, url, token, ready):
         return send_file(reactor, url, file_token, source, settings.HPC_FILE_CHUNK_SIZE,
                          settings.HPC_TLS_CA_FILE)
 
+    def start_upload(file_token, sink):
+        return receive_file(reactor, url, file_token, sink, settings.HPC_TLS_CA_FILE)
+
     core = AgentCore(settings, state, reactor, pool, start_transfer, nvx=nvx,
-                     file_pool=file_pool)
+                     file_pool=file_pool, start_upload=start_upload)
     outcome = {"code": 0, "stopping": False}
 
     def give_up(why):

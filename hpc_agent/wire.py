@@ -17,7 +17,8 @@ agent -> hpcd
   reply       id:int ok:bool [result:object] [error:str message:str]
               The answer to one of hpcd's requests, sent once the state it
               reports is durable.  ``error`` codes: path_refused (outside
-              the roots, missing, or not a regular file), unreadable,
+              the roots, or not a regular file), not_found (no such file or
+              directory: a 404, where path_refused is a 403), unreadable,
               file_timeout (a file operation passed the agent's deadline,
               HPC_FILE_TIMEOUT_SECONDS: a hung file system), job_active,
               internal, and the decoding errors below.
@@ -61,6 +62,13 @@ hpcd -> agent
               -> result {sha256:str, size:int, mtime:number}, computed by
               the agent reading the whole file (a large file takes a while:
               its deadline counts from the last chunk read).
+  upload_file id job:int path:str token:str [max_size:int>=0|null]
+              -> result {}: the agent has checked the path (inside the
+              job's directory, which it creates if the job has not run yet;
+              parent directories made inside it; not over a directory or
+              anything but a regular file) and opened a temporary file
+              beside it; it then opens a transfer connection with ``token``
+              to receive the bytes (below).
   error       code:str message:str
 
 Transfer connection: ``ws(s)://SERVER/file``, one per file, authenticated
@@ -74,6 +82,20 @@ with the single-use token from ``fetch_file``.
   hpcd -> agent  file_done    size:int            (text; all bytes arrived)
 The agent closes only after ``file_done``: closing with data still buffered
 loses it (Autobahn's close handshake times out after a second).
+
+An upload uses the same kind of connection the other way round:
+  agent -> hpcd  upload_ready               (text; first frame: ready to write)
+  hpcd -> agent  <binary frames, at most MAX_UPLOAD_MESSAGE bytes each>
+                 upload_end   size:int sha256:str (text; everything was sent)
+  agent -> hpcd  upload_done  size:int sha256:str mtime:number (text; the
+                 file is complete, its checksum matched, and it is in place
+                 under its final name)
+                 file_error   message:str   (text; nothing was put in place)
+The bytes go to a temporary file in the target's directory, renamed over
+the final name only once ``upload_end`` matches what was written: a
+transfer cut off halfway leaves the final name as it was.  The agent pauses
+reading while its writes lag behind, so hpcd (and the Django process behind
+it) waits.
 
 Malformed input (not JSON, not an object, unknown type, missing or mistyped
 field, oversize) raises :class:`ProtocolError`; the receiver answers with an
@@ -90,6 +112,9 @@ PROTOCOL_VERSION = 1
 CLOSE_SUPERSEDED = 4001  # another agent now serves this cluster: exit
 CLOSE_SHUTDOWN = 4002  # the cluster was removed or disabled: exit
 CLOSE_PROTOCOL = 4003  # hpcd does not speak the agent's protocol version: exit
+
+#: Largest binary message hpcd sends on an upload (the agent accepts no more).
+MAX_UPLOAD_MESSAGE = 1024 * 1024
 
 #: Largest control frame either side accepts.  Generous: a recursive file
 #: list of a big job directory is the largest message.
@@ -160,6 +185,10 @@ SCHEMA = {
     "fetch_file": ({"job": OPT_INT, "path": STR, "token": STR},
                    {"extra_params": ANY, "offset": COUNT, "length": OPT_COUNT}, True),
     "file_checksum": ({"job": OPT_INT, "path": STR}, {}, True),
+    "upload_file": ({"job": INT, "path": STR, "token": STR}, {"max_size": OPT_COUNT}, True),
+    "upload_ready": ({}, {}, False),
+    "upload_end": ({"size": INT, "sha256": STR}, {}, False),
+    "upload_done": ({"size": INT, "sha256": STR, "mtime": NUMBER}, {}, False),
     "file_header": ({"size": INT, "name": STR}, {"total_size": INT, "mtime": NUMBER}, False),
     "file_end": ({"size": INT, "sha256": STR}, {}, False),
     "file_error": ({"message": STR}, {}, False),
@@ -168,9 +197,14 @@ SCHEMA = {
 
 #: Which side may send what; a receiver refuses the other side's types.
 FROM_AGENT = frozenset({"hello", "update", "reply", "error", "file_header",
-                        "file_end", "file_error"})
+                        "file_end", "file_error", "upload_ready", "upload_done"})
 FROM_HPCD = frozenset({"welcome", "ack", "submit", "cancel", "delete", "list_files",
-                       "fetch_file", "file_checksum", "error", "reply", "file_done"})
+                       "fetch_file", "file_checksum", "upload_file", "error", "reply",
+                       "file_done", "upload_end"})
+#: What each side accepts on a transfer connection (the rest: control).
+TRANSFER_FROM_AGENT = frozenset({"file_header", "file_end", "file_error", "upload_ready",
+                                 "upload_done"})
+TRANSFER_FROM_HPCD = frozenset({"file_done", "upload_end"})
 
 
 class RequestFailed(Exception):

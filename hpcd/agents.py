@@ -454,8 +454,7 @@ class AgentSession:
                                             "binary frames belong on /file connections"))
             return
         try:
-            message = wire.decode(payload, accept=wire.FROM_AGENT - {
-                "file_header", "file_end", "file_error"})
+            message = wire.decode(payload, accept=wire.FROM_AGENT - wire.TRANSFER_FROM_AGENT)
         except wire.ProtocolError as e:
             self._refuse(e)
             return

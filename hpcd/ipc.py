@@ -12,7 +12,8 @@ from twisted.protocols import amp
 
 from hpc_agent import wire
 from djangoapp import protocol as commands
-from djangoapp.protocol import AgentError, HpcdError, NotFound, PathRefused, SSHFailed
+from djangoapp.protocol import (AgentError, FileMissing, HpcdError, NotFound, PathRefused,
+                                SSHFailed)
 from hpcd import ssh
 
 log = Logger()
@@ -28,6 +29,8 @@ def _errors_as_hpcd_errors(f):
         def translate(failure):
             if failure.check(AgentError) and failure.value.code == "path_refused":
                 raise PathRefused(str(failure.value))
+            if failure.check(AgentError) and failure.value.code == "not_found":
+                raise FileMissing(str(failure.value))
             if failure.check(HpcdError):
                 return failure
             log.failure("{command} failed", failure, command=f.__name__)
@@ -71,13 +74,14 @@ class ControlProtocol(amp.AMP):
     @commands.ListFiles.responder
     @_errors_as_hpcd_errors
     @defer.inlineCallbacks
-    def list_files(self, cluster_id, job_id, path, recursive):
+    def list_files(self, cluster_id, job_id, path, recursive, with_mtime=None):
         # The agent answers in pages that each fit in one frame.
         session = self.daemon.clusters.require_session(cluster_id)
         files, offset = [], 0
+        extra = {"with_mtime": True} if with_mtime else {}
         while True:
             result = yield session.request("list_files", job=job_id, path=path,
-                                           recursive=recursive, offset=offset)
+                                           recursive=recursive, offset=offset, **extra)
             files.extend(result["files"])
             if not result.get("truncated") or result.get("next") is None:
                 return {"files": files}
@@ -86,11 +90,16 @@ class ControlProtocol(amp.AMP):
     @commands.FetchFile.responder
     @_errors_as_hpcd_errors
     @defer.inlineCallbacks
-    def fetch_file(self, cluster_id, job_id, path, extra_params=None):
+    def fetch_file(self, cluster_id, job_id, path, extra_params=None, offset=None,
+                   length=None):
         session = self.daemon.clusters.require_session(cluster_id)
         size, name, sink = yield self.daemon.transfers.fetch(session, job_id, path,
-                                                             extra_params)
-        return {"size": size, "name": name, "protocol": sink}
+                                                             extra_params, offset, length)
+        answer = {"size": size, "name": name, "protocol": sink}
+        # From the agent's header; absent when an older agent sent none.
+        answer.update({k: v for k, v in (("total_size", sink.transfer.total_size),
+                                         ("mtime", sink.transfer.mtime)) if v is not None})
+        return answer
 
     @commands.SendMessage.responder
     @_errors_as_hpcd_errors
@@ -148,6 +157,24 @@ class ControlProtocol(amp.AMP):
         from hpcd.metrics import live_status
 
         return {"status": live_status(self.daemon)}
+
+    @commands.FileChecksum.responder
+    @_errors_as_hpcd_errors
+    @defer.inlineCallbacks
+    def file_checksum(self, cluster_id, path, job_id=None):
+        # The agent reads the whole file: longer than other requests may take.
+        session = self.daemon.clusters.require_session(cluster_id)
+        result = yield session.request(
+            "file_checksum", job=job_id, path=path,
+            timeout=float(self.daemon.settings.HPC_FILE_CHECKSUM_TIMEOUT))
+        return {"sha256": result["sha256"], "size": result["size"],
+                "mtime": float(result["mtime"])}
+
+    @commands.UploadFile.responder
+    @_errors_as_hpcd_errors
+    def upload_file(self, cluster_id, job_id, path):
+        session = self.daemon.clusters.require_session(cluster_id)
+        return self.daemon.transfers.upload(session, job_id, path)
 
 
 class ControlFactory(protocol.Factory):

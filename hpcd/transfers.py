@@ -82,6 +82,7 @@ class Transfer:
         self.source = None  # the agent's /file websocket protocol
         self.sink = None
         self.size = None
+        self.total_size = self.mtime = None  # the whole file's, from the header
         self.received = 0
         self.sha256 = hashlib.sha256()
         self._early = []
@@ -283,6 +284,8 @@ class Transfer:
             if problem:
                 self.broke(problem)
             else:
+                self.total_size = message.get("total_size")
+                self.mtime = message.get("mtime")
                 self.header_received(message["size"], message["name"])
         elif kind == "file_end":
             if (message["size"], message["sha256"]) != (self.received,
@@ -331,9 +334,10 @@ class Transfers:
         self.done[outcome] = self.done.get(outcome, 0) + 1
 
     @defer.inlineCallbacks
-    def fetch(self, session, job_id, path, extra_params=None):
+    def fetch(self, session, job_id, path, extra_params=None, offset=None, length=None):
         """Start a transfer; fires with ``(size, name, Sink)`` once the agent's
-        header is in.  The caller switches its connection to the Sink."""
+        header is in.  The caller switches its connection to the Sink.
+        ``offset``/``length``: a range of the file (the agent seeks)."""
         daemon = self.daemon
         token_id, secret = yield daemon.store.issue_token(
             session.cluster_id, "file", int(daemon.settings.HPC_TOKEN_TTL_SECONDS))
@@ -344,6 +348,10 @@ class Transfers:
         self._by_token[token_id] = self.active[token_id] = transfer
         try:
             fields = {} if extra_params is None else {"extra_params": extra_params}
+            if offset:
+                fields["offset"] = offset
+            if length is not None:
+                fields["length"] = length
             yield session.request("fetch_file", job=job_id, path=path, token=secret, **fields)
             size, name = yield transfer.header
         except defer.TimeoutError:
@@ -357,6 +365,13 @@ class Transfers:
             # connected() took it already when the agent's connection came.
             self._by_token.pop(token_id, None)
         return size, name, Sink(transfer)
+
+    def upload(self, session, job_id, path):
+        """Start receiving a file for a job (:mod:`hpcd.uploads`); fires with
+        the protocol Django's connection switches to, once the agent is ready."""
+        from hpcd.uploads import start_upload
+
+        return start_upload(self, session, job_id, path)
 
     def connected(self, source, claim):
         """A /file websocket opened with a valid token."""

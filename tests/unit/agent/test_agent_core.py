@@ -200,8 +200,9 @@ class Agent:
         self.state = AgentState(str(tmp_path / "state.sqlite3"), clock=self.clock.seconds,
                                 writer=self.writer)
         self.transfers = []
+        self.uploads = []
         self.core = SyncCore(self.settings, self.state, self.clock, None, self._transfer,
-                             nvx=True)
+                             nvx=True, start_upload=self._upload)
         self.io = LinkIO(self.core)
         self.sent = []
         self.io.send = self.sent.append
@@ -213,6 +214,11 @@ class Agent:
     def _transfer(self, token, source):
         d = defer.Deferred()
         self.transfers.append((token, source, d))
+        return d
+
+    def _upload(self, token, sink):
+        d = defer.Deferred()
+        self.uploads.append((token, sink, d))
         return d
 
     def settle(self):
@@ -792,8 +798,10 @@ def test_fetch_file_starts_a_transfer_of_a_regular_file(agent, tmp_path):
     assert (token, source.name, source.size, read_all(source)) == ("tok", "out.txt", 5,
                                                                    b"hello")
     source.close()
-    for bad in ("/", "../../state.sqlite3", "missing"):
+    for bad in ("/", "../../state.sqlite3"):
         assert agent.ask("fetch_file", job=5, path=bad, token="t")["error"] == "path_refused"
+    # Missing is told apart (a 404 where the others are a 403).
+    assert agent.ask("fetch_file", job=5, path="missing", token="t")["error"] == "not_found"
 
 
 def test_fetch_file_sends_only_the_range_asked_for(agent, tmp_path):
@@ -1219,3 +1227,32 @@ def test_one_argument_hooks_still_work():
     assert jobfiles._send_start(hooks, "out.txt", {"k": 1}) == ("out.txt", False)
     jobfiles._call_hook(hooks.file_send_end, "/jobs/5/out.txt", None)
     assert hooks.calls == ["out.txt", ("end", "/jobs/5/out.txt")]
+
+
+# -- uploads ------------------------------------------------------------------------
+
+def test_an_upload_before_submission_makes_the_job_directory_and_a_temporary_file(
+        agent, tmp_path):
+    agent.connect()
+    reply = agent.ask("upload_file", job=9, path="in/data.csv", token="tok", max_size=100)
+    assert reply == {"type": "reply", "id": reply["id"], "ok": True, "result": {}}
+    directory = tmp_path / "jobs" / "9"
+    assert os.stat(directory).st_mode & 0o777 == 0o700  # HPC_JOB_DIRECTORY_MODE
+    ((token, sink, done),) = agent.uploads
+    assert token == "tok" and sink.path == str(directory / "in" / "data.csv")
+    (temp,) = os.listdir(directory / "in")
+    assert temp.startswith(".data.csv.upload-")
+    sink.write(b"1,2\n").result  # noqa: B018 (done at once here)
+    result = sink.commit(4, hashlib.sha256(b"1,2\n").hexdigest()).result
+    assert result["size"] == 4
+    assert os.listdir(directory / "in") == ["data.csv"]
+    assert (directory / "in" / "data.csv").read_bytes() == b"1,2\n"
+
+
+def test_an_upload_refused_is_answered_before_any_connection(agent, tmp_path):
+    job_dir(tmp_path, files={"sub": b"a file"})
+    agent.connect()
+    for path in ("../escape", "sub/x", "/"):
+        reply = agent.ask("upload_file", job=5, path=path, token="t")
+        assert reply["error"] == "path_refused", path
+    assert agent.uploads == []

@@ -248,9 +248,30 @@ def test_each_side_accepts_its_peers_messages(accept):
 
 def test_the_direction_sets_are_as_documented():
     assert wire.FROM_AGENT == {"hello", "update", "reply", "error", "file_header",
-                               "file_end", "file_error"}
+                               "file_end", "file_error", "upload_ready", "upload_done"}
     assert wire.FROM_HPCD == {"welcome", "ack", "submit", "cancel", "delete", "list_files",
-                              "fetch_file", "file_checksum", "error", "reply", "file_done"}
+                              "fetch_file", "file_checksum", "upload_file", "error", "reply",
+                              "file_done", "upload_end"}
+    assert wire.TRANSFER_FROM_AGENT < wire.FROM_AGENT
+    assert wire.TRANSFER_FROM_HPCD < wire.FROM_HPCD
+
+
+def test_an_upload_round_trips_in_the_order_the_connection_carries_it():
+    frames = [
+        ("upload_file", {"id": 3, "job": 12, "path": "in/data.csv", "token": "t",
+                         "max_size": 2 ** 40}, wire.FROM_HPCD),
+        ("upload_ready", {}, wire.TRANSFER_FROM_AGENT),
+        ("upload_end", {"size": 5, "sha256": "ab" * 32}, wire.TRANSFER_FROM_HPCD),
+        ("upload_done", {"size": 5, "sha256": "ab" * 32, "mtime": 1.7e9},
+         wire.TRANSFER_FROM_AGENT),
+    ]
+    for mtype, fields, accept in frames:
+        assert wire.decode(wire.encode(mtype, **fields), accept=accept) == \
+            {"type": mtype, **fields}
+    with pytest.raises(ProtocolError):
+        wire.encode("upload_file", id=3, job=None, path="x", token="t")  # a job's only
+    with pytest.raises(ProtocolError):
+        wire.encode("upload_file", id=3, job=1, path="x", token="t", max_size=-1)
 
 
 # -- answering errors -----------------------------------------------------------

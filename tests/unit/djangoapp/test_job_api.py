@@ -328,7 +328,8 @@ def test_protocol_optional_json_is_left_out_when_absent():
     from djangoapp.protocol import FetchFile
 
     box = FetchFile.makeArguments({"cluster_id": 1, "job_id": None, "path": "p"}, None)
-    assert FetchFile.parseArguments(box, None) == {"cluster_id": 1, "job_id": None, "path": "p"}
+    assert FetchFile.parseArguments(box, None) == {"cluster_id": 1, "job_id": None, "path": "p",
+                                                   "offset": None, "length": None}
     box = FetchFile.makeArguments({"cluster_id": 1, "job_id": 2, "path": "p",
                                    "extra_params": {"k": [1]}}, None)
     assert FetchFile.parseArguments(box, None)["extra_params"] == {"k": [1]}
