@@ -18,6 +18,7 @@ import sys
 import time
 
 from hpc_agent.status import JobStatus
+from hpcd import spawn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -81,15 +82,9 @@ class Hpcd:
         return self.websocket.getsockname()[1]
 
     def start(self, timeout=30.0):
-        notify_path = os.path.join(self.workdir, f"notify-{time.monotonic_ns()}.sock")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        notify.settimeout(timeout)
         env = self.environment()
-        env["NOTIFY_SOCKET"] = notify_path
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        command = [twistd, "--nodaemon", "--pidfile=", f"--logfile={self.log_path}", "hpcd",
-                   *self.args]
+        command = [spawn.twistd(), "--nodaemon", "--pidfile=", f"--logfile={self.log_path}",
+                   "hpcd", *self.args]
         passed, preexec = (), None
         if self.websocket is not None:
             # systemd's protocol: the sockets from fd 3 on, LISTEN_PID naming
@@ -98,19 +93,15 @@ class Hpcd:
             fd = self.websocket.fileno()
             passed = (3,)
             preexec = lambda: os.dup2(fd, 3)  # noqa: E731
-        self.process = subprocess.Popen(
-            [*self.prefix, *command], env=env, cwd=self.workdir, stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(self.workdir, "hpcd.stderr"), "ab"), pass_fds=passed,
-            preexec_fn=preexec)
         try:
-            message = notify.recv(64)
-        except socket.timeout:
-            self.stop()
-            raise AssertionError(f"hpcd did not become ready; log:\n{self.log()}") from None
-        finally:
-            notify.close()
-            os.unlink(notify_path)
-        assert message == b"READY=1", message
+            self.process = spawn.start(
+                [*self.prefix, *command], env=env, timeout=timeout, cwd=self.workdir,
+                stdout=subprocess.DEVNULL,
+                stderr=open(os.path.join(self.workdir, "hpcd.stderr"), "ab"),
+                pass_fds=passed, preexec_fn=preexec)
+        except spawn.NotReady as e:
+            self.process = None
+            raise AssertionError(f"{e}; log:\n{self.log()}") from None
         return self
 
     def stop(self, sig=signal.SIGTERM):
