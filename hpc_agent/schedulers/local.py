@@ -27,6 +27,10 @@ from hpc_agent.schedulers.base import (
 from hpc_agent.status import JobStatus
 
 
+#: A file in a job's control directory: a cancel was sent to its runner.
+CANCEL_MARK = "cancel-sent"
+
+
 class Local(Scheduler):
     """Runs each job's script with bash on this host."""
 
@@ -152,6 +156,11 @@ class Local(Scheduler):
             return result_state(result)
         if info is None:
             return JobState(JobStatus.ERROR, problem)
+        if (os.path.exists(os.path.join(control, CANCEL_MARK)) and not info.get("pgid")
+                and not os.path.exists(os.path.join(control, "pgid"))):
+            # The cancel's SIGTERM came before the runner had set its trap
+            # (it had only just started): it died of it before starting the job.
+            return JobState(JobStatus.CANCELLED, "cancelled before it started")
         return JobState(JobStatus.ERROR, "the job's runner process vanished (killed?)")
 
     def cancel(self):
@@ -160,7 +169,12 @@ class Local(Scheduler):
         if info is None:
             return
         if self._alive(info):
-            # The runner stops the job's process group, and records why.
+            # The runner stops the job's process group, and records why.  A
+            # runner that has just started may not have set its trap yet and
+            # die of the signal without a word: the mark, made first, tells
+            # status() that it was cancelled, not lost.
+            with open(os.path.join(control, CANCEL_MARK), "w"):
+                pass
             os.kill(info["pid"], signal.SIGTERM)
             return
         if not _is_valid(self._read("result.json", control)):
