@@ -7,8 +7,8 @@ A PostgreSQL of the run's own, a real hpcd and a real agent (tests/chaos_kit.py)
 faults of every kind at random moments from the seed (printed: pass it back
 with --seed to replay a run), each stop or cut held 20-90 s.  Prints
 ``name: value unit`` lines: the jobs and the problems found (each 0 in a good
-run) and, per kind of fault, the seconds from its end until the next job
-reached a final state (or, with none in flight, until the cluster was online
+run) and, per kind of fault, the seconds from its end until a job submitted
+since it began completed (or, with none, until the cluster was online
 again).  Exits 1 when a problem was found, keeping the run's directory.
 
 Takes about as long as the faults last: some 15 to 25 minutes with the

@@ -22,8 +22,9 @@ Faults (:data:`FAULT_KINDS`) come at random moments drawn from a seed, which
 is printed so that a run can be replayed: kill -9 of hpcd or of the agent,
 SIGSTOP of either for a while, PostgreSQL stopped and restarted ``-m
 immediate``, and a network cut.  The submissions pause at the next fault's
-moment until the fault before has ended and the system recovered, so every
-fault hits jobs in flight.
+moment until the fault before has ended, so every fault hits jobs in flight.
+A fault's recovery time runs from its end until a job submitted since it
+began completes (or, with no such job, until the cluster is online again).
 
 :func:`verdict` judges a run from the database's rows and the ledger: each
 job ran exactly once (a cancelled one at most once), its final state is the
@@ -419,6 +420,7 @@ class ChaosRun:
         self.submitted = []
         self.cancel_requested = set()
         self._faults_done = 0
+        self._submit_finished = False
         self._condition = threading.Condition()
         self._error = None
 
@@ -511,6 +513,7 @@ class ChaosRun:
             if i in to_cancel:
                 cancels.append((time.monotonic() + rng.uniform(0, 1.5), job_id))
             cancels = self._cancel_due(cancels)
+        self._submit_finished = True
         while cancels:
             time.sleep(0.1)
             cancels = self._cancel_due(cancels)
@@ -558,13 +561,15 @@ class ChaosRun:
                     return
             time.sleep(fault.delay)
             log(f"fault {index + 1}/{len(self.faults)}: {fault}")
+            began = time.time()
             healed = self._inject(fault)
-            fault.recovery = self._recovery(healed)
-            took = "no" if fault.recovery is None else f"{fault.recovery:.2f} s"
-            log(f"  recovered: {took}")
             with self._condition:
+                # Submissions go on while the recovery is measured.
                 self._faults_done = index + 1
                 self._condition.notify_all()
+            fault.recovery = self._recovery(began, healed)
+            took = "no" if fault.recovery is None else f"{fault.recovery:.2f} s"
+            log(f"  recovered: {took}")
 
     def _inject(self, fault):
         """Inject ``fault``, hold it, end it; returns when it ended (time.time())."""
@@ -605,29 +610,29 @@ class ChaosRun:
         return wait_for(lambda: agent_pid(self.agent), timeout=120, interval=0.2,
                         what="an agent to be running")
 
-    def _recovery(self, healed):
-        """Seconds from ``healed`` until a job reaches a final state, or, with
-        no job in flight, until the cluster is online again (None: not within
-        recovery_seconds)."""
-        final = [int(s) for s in FINAL]
+    def _recovery(self, began, healed):
+        """Seconds from ``healed`` until a job submitted since the fault
+        ``began`` completes (it went all the way through hpcd, the agent and
+        back), or, when no job comes after the fault, until the cluster is
+        online again; None: not within recovery_seconds."""
         deadline = time.monotonic() + self.recovery_seconds
         while time.monotonic() < deadline:
             try:
                 with self.postgres.connect(self.database) as connection:
-                    ended = connection.execute(
-                        "SELECT min(time) FROM djangoapp_hpcjobstatuschange "
-                        "WHERE new_status = ANY(%s) AND time >= to_timestamp(%s)",
-                        [final, healed]).fetchone()[0]
+                    ended, later = connection.execute(
+                        "SELECT min(c.time) FILTER (WHERE c.new_status = %s), count(*) "
+                        "FROM djangoapp_hpcjob j LEFT JOIN djangoapp_hpcjobstatuschange c "
+                        "ON c.job_id = j.id AND c.time >= to_timestamp(%s) "
+                        "WHERE j.job_pending_time >= to_timestamp(%s)",
+                        [int(JobStatus.COMPLETED), healed, began]).fetchone()
                     if ended is not None:
                         return max(0.0, ended.timestamp() - healed)
-                    busy, = connection.execute(
-                        "SELECT count(*) FROM djangoapp_hpcjob WHERE NOT job_status = ANY(%s) "
-                        "AND job_status <> %s", [final, int(JobStatus.DRAFT)]).fetchone()
-                    online, = connection.execute(
-                        "SELECT online FROM djangoapp_hpccluster WHERE id = %s",
-                        [self.cluster.pk]).fetchone()
-                    if not busy and online and self.cluster.is_connected():
-                        return time.time() - healed
+                    if not later and self._submit_finished:
+                        online, = connection.execute(
+                            "SELECT online FROM djangoapp_hpccluster WHERE id = %s",
+                            [self.cluster.pk]).fetchone()
+                        if online and self.cluster.is_connected():
+                            return time.time() - healed
             except Exception:  # noqa: BLE001 - the database may still be coming back
                 pass
             time.sleep(0.2)
