@@ -5,8 +5,8 @@ recovery times.
 
 A PostgreSQL of the run's own, a real hpcd and a real agent (tests/chaos_kit.py);
 faults of every kind at random moments from the seed (printed: pass it back
-with --seed to replay a run), each stop or cut held 20-90 s.  Prints
-``name: value unit`` lines: the jobs and the problems found (each 0 in a good
+with --seed to replay a run), each stop, cut or database outage held 20-90 s.
+Prints ``name: value unit`` lines: the jobs and the problems found (each 0 in a good
 run) and, per kind of fault, the seconds from its end until a job submitted
 since it began completed (or, with none, until the cluster was online
 again).  Exits 1 when a problem was found, keeping the run's directory.

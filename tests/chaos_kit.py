@@ -382,7 +382,8 @@ def plan(seed, jobs, faults, kinds, hold):
     """The faults of a run, from ``seed``: each kind of ``kinds`` in turn (so
     every kind comes at least once when ``faults >= len(kinds)``), at random
     job counts, with a random extra delay and a hold drawn from ``hold``
-    (``(low, high)`` seconds; kills and restarts use at most 2 s of it)."""
+    (``(low, high)`` seconds: how long a process is stopped, the network cut
+    or PostgreSQL down; a killed process is started again after at most 2 s)."""
     rng = random.Random(f"plan-{seed}")
     kinds = list(kinds)
     chosen = [kinds[i % len(kinds)] for i in range(faults)]
@@ -391,7 +392,7 @@ def plan(seed, jobs, faults, kinds, hold):
     made = []
     for kind, moment in zip(chosen, moments):
         held = rng.uniform(*hold)
-        if kind in ("hpcd_kill", "agent_kill", "postgres_restart"):
+        if kind in ("hpcd_kill", "agent_kill"):
             held = min(held, 2.0)
         made.append(Fault(kind, moment, rng.uniform(0, 1), held))
     return made

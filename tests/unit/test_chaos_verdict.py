@@ -131,5 +131,5 @@ def test_a_plan_is_replayed_from_its_seed_and_has_every_kind():
     assert [f.after_job for f in one] == sorted(f.after_job for f in one)
     for fault in one:
         assert isinstance(fault, Fault)
-        assert fault.hold <= (2.0 if fault.kind != "agent_stop" else 90)
+        assert fault.hold <= (2.0 if fault.kind == "hpcd_kill" else 90)
     assert [repr(f) for f in plan(8, 100, 6, kinds, (20, 90))] != [repr(f) for f in one]
