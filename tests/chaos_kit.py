@@ -680,15 +680,22 @@ def _retry(function, what, timeout=300.0):
     from django.db import Error, connection
 
     deadline = time.monotonic() + timeout
+    failures = 0
     while True:
         try:
-            return function()
+            result = function()
         except Error as e:
             connection.close()
             if time.monotonic() > deadline:
                 raise
-            log(f"{what}: {type(e).__name__}; again")
+            if not failures:
+                log(f"{what}: {type(e).__name__}; trying again every 0.5 s")
+            failures += 1
             time.sleep(0.5)
+        else:
+            if failures:
+                log(f"{what}: done after {failures} failure(s)")
+            return result
 
 
 # -- the command ----------------------------------------------------------------------------
