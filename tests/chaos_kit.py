@@ -737,6 +737,8 @@ def main(argv=None, **defaults):
     faults = plan(seed, args.jobs, args.faults if args.faults is not None else len(kinds),
                   kinds, (low, high))
     print(f"seed: {seed} (replay: --seed {seed})", flush=True)
+    # SIGTERM (a test's timeout) still stops everything the run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = tempfile.mkdtemp(prefix="hpc-chaos-")
     os.chmod(workdir, 0o755)  # the postgres user reaches its directory inside
     namespaces = Namespaces().create() if not why_not else None
