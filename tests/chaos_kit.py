@@ -449,13 +449,11 @@ class ChaosRun:
         log(f"hpcd and the agent are up ({'namespaces' if self.namespaces else 'loopback'})")
 
     def stop(self):
-        from harness import kill_agent
+        from harness import agent_pid, kill_agent
 
         if self.daemon is not None and self.daemon.process is not None:
-            _signal(self.daemon.process.pid, signal.SIGCONT)
+            _signal(self.daemon.process.pid, signal.SIGCONT)  # a stopped one acts on SIGTERM
             self.daemon.stop()
-        from harness import agent_pid
-
         pid = agent_pid(self.agent)
         if pid:
             _signal(pid, signal.SIGCONT)
