@@ -296,8 +296,15 @@ class AgentCore:
         stuck = [j.job for j in self.state.active_jobs()
                  if j.status == JobStatus.SUBMITTING and j.scheduler_id is None]
         for job_id in stuck:
-            yield self._with_job_lock(job_id, lambda _: self._resume_submit(
-                job_id, self.state.get(job_id).parameters), None)
+            yield self._with_job_lock(job_id, self._reconcile_one, job_id)
+
+    def _reconcile_one(self, job_id):
+        # Requests from hpcd run meanwhile: a cancel may have ended the job,
+        # or a submit settled it, since the list was made.
+        job = self.state.get(job_id)
+        if job is None or job.status != JobStatus.SUBMITTING or job.scheduler_id is not None:
+            return None
+        return self._resume_submit(job_id, job.parameters)
 
     @defer.inlineCallbacks
     def _on_cancel(self, message):

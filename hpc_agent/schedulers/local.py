@@ -20,11 +20,19 @@ import json
 import numbers
 import os
 import signal
+import time
 
 from hpc_agent import runner
 from hpc_agent.schedulers.base import (
     InvalidParameters, JobSpec, JobState, Scheduler, SchedulerError)
 from hpc_agent.status import JobStatus
+
+
+#: Seconds a restarted agent waits for a runner of the one before to start its
+#: job or to say that it never will (it takes milliseconds).
+GO_WAIT_SECONDS = 10.0
+#: A file in a job's control directory: a cancel was sent to its runner.
+CANCEL_MARK = "cancel-sent"
 
 
 class Local(Scheduler):
@@ -152,6 +160,11 @@ class Local(Scheduler):
             return result_state(result)
         if info is None:
             return JobState(JobStatus.ERROR, problem)
+        if (os.path.exists(os.path.join(control, CANCEL_MARK)) and not info.get("pgid")
+                and not os.path.exists(os.path.join(control, "pgid"))):
+            # The cancel's SIGTERM came before the runner had set its trap
+            # (it had only just started): it died of it before starting the job.
+            return JobState(JobStatus.CANCELLED, "cancelled before it started")
         return JobState(JobStatus.ERROR, "the job's runner process vanished (killed?)")
 
     def cancel(self):
@@ -160,7 +173,12 @@ class Local(Scheduler):
         if info is None:
             return
         if self._alive(info):
-            # The runner stops the job's process group, and records why.
+            # The runner stops the job's process group, and records why.  A
+            # runner that has just started may not have set its trap yet and
+            # die of the signal without a word: the mark, made first, tells
+            # status() that it was cancelled, not lost.
+            with open(os.path.join(control, CANCEL_MARK), "w"):
+                pass
             os.kill(info["pid"], signal.SIGTERM)
             return
         if not _is_valid(self._read("result.json", control)):
@@ -178,10 +196,28 @@ class Local(Scheduler):
         found = {}
         for ui_id in ui_ids:
             job = cls(settings, ui_id, None)
-            info, _ = job._runner(job.control_dir())
-            if info is not None:
+            control = job.control_dir()
+            info, _ = job._runner(control)
+            if info is not None and not job._never_told_to_go(info, control):
                 found[ui_id] = str(info["pid"])
         return found
+
+    def _never_told_to_go(self, info, control, timeout=GO_WAIT_SECONDS):
+        """Whether a recorded runner exited without running the job because
+        the agent that started it died before saying go: then the job was not
+        submitted, and submitting it again cannot run it twice.
+
+        Asked after an agent's restart; a runner of the dead agent that has
+        not yet acted on the word (or on the closed pipe) does so within
+        moments, so this waits until it started the job or said it never will.
+        """
+        deadline = time.monotonic() + timeout
+        while (self._alive(info) and not info.get("pgid")
+               and not os.path.exists(os.path.join(control, "pgid"))
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        result = self._read("result.json", control)
+        return isinstance(result, dict) and result.get("stopped") == "not started"
 
 
 def _is_int(value):

@@ -562,6 +562,26 @@ def test_reconcile_at_start_settles_interrupted_submissions(agent):
     assert agent.calls("find_submitted") == [("find_submitted", [5]), ("find_submitted", [6])]
 
 
+def test_reconcile_leaves_alone_a_job_cancelled_while_it_settled_another(agent):
+    # Reconcile runs while hpcd's requests come in: a cancel of a job it had
+    # listed, answered while it asked the scheduler about the one before,
+    # must not be followed by a submit (the cancelled job then ran, unwatched).
+    agent.state.record_submitting(4, PARAMS)
+    agent.state.record_submitting(5, PARAMS)
+    agent.settle()
+    FakeScheduler.found = {}
+    agent.core.held = []
+    d = agent.core.reconcile()
+    agent.connect()
+    assert agent.ask("cancel", job=5)["result"] == {"status": int(S.CANCELLED)}
+    while agent.core.held:
+        agent.core.release()
+        agent.settle()
+    assert d.called
+    assert [call[1] for call in agent.calls("submit")] == [4]
+    assert agent.state.get(5).status == S.CANCELLED
+
+
 def test_invalid_parameters_make_the_job_an_error_with_the_message(agent):
     agent.connect()
     FakeScheduler.submit_results[5] = [InvalidParameters("'queue' is not known here")]

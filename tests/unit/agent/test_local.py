@@ -121,6 +121,18 @@ def test_cancel_stops_the_job_and_its_background_children(agent_settings):
     assert not alive(child)
 
 
+def test_a_cancel_right_after_the_submit_cancels_even_before_the_runners_trap(agent_settings):
+    # The runner may not have set its signal trap when submit() returns: the
+    # SIGTERM then kills it before it starts the job, which is a cancel all
+    # the same (it was reported as ERROR "runner vanished" in 2 of 5 tries).
+    for ui_id in range(100, 120):
+        job = Local(agent_settings, ui_id)
+        job.submit({"script": "sleep 30"})
+        job.cancel()
+        state = wait_for_state(job, S.CANCELLED, timeout=5)
+        assert state.status == S.CANCELLED, (ui_id, state)
+
+
 def test_cancel_of_a_finished_job_changes_nothing(agent_settings):
     job = Local(agent_settings, 6)
     job.submit({"script": "true"})
@@ -420,6 +432,39 @@ def test_a_recorded_runner_never_told_to_go_says_the_job_never_ran(tmp_path, age
     Path(job.control_dir(), "result.json").write_text(json.dumps(result))
     assert job.status() == JobState(
         S.ERROR, "the job never ran: the agent stopped while starting it; submit it again")
+
+
+def test_a_runner_its_dead_agent_never_told_to_go_is_submitted_again(agent_settings):
+    # The agent recorded the runner, then died (killed, or stopped by a
+    # takeover) before saying go: the runner exits saying the job never ran.
+    # A restarted agent asked whether the job was submitted must say no, so
+    # that it submits it again; it said yes and the job ended as an ERROR
+    # that had run zero times.
+    job = Local(agent_settings, 60)
+    job.prepare_working_directory()
+    control_dir = job.new_control_dir()
+    workdir = job.get_working_directory()
+    process = subprocess.Popen(
+        ["hpc-runner", "--posix", "-c", runner.RUNNER, "hpc-runner", control_dir, workdir,
+         "0", "0", os.path.join(workdir, "out"), os.path.join(workdir, "err"), "sleep", "10",
+         "/bin/bash", "-c", "echo ran >> ran"],
+        executable="/bin/bash", stdin=subprocess.PIPE, cwd=control_dir,
+        start_new_session=True)
+    Path(control_dir, "runner.json").write_text(json.dumps(
+        {"pid": process.pid, "start": runner.process_start_time(process.pid)}))
+    process.stdin.close()  # the agent is gone
+    assert Local.find_submitted(agent_settings, [60]) == {}
+    process.wait(timeout=10)
+    submit_job(job, {"script": "echo ran >> ran"})
+    assert wait_for_state(job, S.COMPLETED).status == S.COMPLETED
+    assert read(job, "ran") == "ran\n"
+
+
+def test_a_runner_that_was_told_to_go_is_found_however_short_its_job(agent_settings):
+    job = Local(agent_settings, 61)
+    job_id = submit_job(job, {"script": "true"})
+    assert wait_for_state(job, S.COMPLETED).status == S.COMPLETED
+    assert Local.find_submitted(agent_settings, [61]) == {61: job_id}
 
 
 def test_the_runner_and_the_job_have_sessions_and_groups_of_their_own(agent_settings):
