@@ -60,8 +60,11 @@ def control(job, name):
 
 
 def wait_for_file(directory, name, timeout=3.0):
+    """Until the file exists with content: the runner's shell creates a file
+    before it writes to it (``printf ... >pgid``)."""
+    path = os.path.join(directory, name)
     deadline = time.monotonic() + timeout
-    while not os.path.exists(os.path.join(directory, name)):
+    while not (os.path.exists(path) and os.path.getsize(path)):
         assert time.monotonic() < deadline, f"{name} never appeared in {directory}"
         time.sleep(0.02)
 
