@@ -1,5 +1,12 @@
 """Admin pages.  Rows hpcd writes are read-only here; actions go through the
-public API (cancel, delete, connect), never by editing state fields."""
+public API (cancel, delete, connect), never by editing state fields.
+
+Stored credentials (the SSH private key, the password or key passphrase) are
+never rendered, for any user: a user who may change a cluster gets empty
+write-only fields to replace them, everyone sees only whether one is set.
+Every action needs a permission: change for connecting, delete for deleting
+a job's data, and the custom ``pin_host_keys`` and ``cancel_hpcjob``.
+"""
 
 from django import forms
 from django.contrib import admin, messages
@@ -54,16 +61,44 @@ class HpcClusterForm(forms.ModelForm):
         return data
 
 
+#: Form fields that carry credentials: offered only to users who may change
+#: the cluster, and then write-only.
+CREDENTIAL_FIELDS = ("key", "password", "clear_credentials")
+
+
 @admin.register(HpcCluster)
 class HpcClusterAdmin(admin.ModelAdmin):
     form = HpcClusterForm
     list_display = ("host_name", "client_path", "enabled", "online", "connected_since",
                     "status_detail")
     list_filter = ("enabled", "online")
-    readonly_fields = ("online", "connected_since", "status_detail")
+    readonly_fields = ("credentials_stored", "online", "connected_since", "status_detail")
     actions = ["connect_now", "pin_host_keys"]
 
-    @admin.action(description="Fetch and pin host keys (shows the fingerprints first)")
+    def get_fields(self, request, obj=None):
+        # Without the right to change, Django renders every field read-only
+        # with its stored value: the credential fields are left out instead.
+        may_write = (self.has_change_permission(request, obj) if obj is not None
+                     else self.has_add_permission(request))
+        fields = [*HpcClusterForm.Meta.fields, *self.readonly_fields]
+        if not may_write:
+            fields = [f for f in fields if f not in CREDENTIAL_FIELDS]
+        return fields
+
+    @admin.display(description="stored credentials")
+    def credentials_stored(self, obj):
+        if obj is None or obj.pk is None:
+            return "none"
+        stored = [name for name, value in (("private key", obj.key), ("password", obj.password))
+                  if value]
+        return ", ".join(stored) + " (set)" if stored else "none"
+
+    def has_pin_host_keys_permission(self, request):
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.pin_host_keys")
+
+    @admin.action(description="Fetch and pin host keys (shows the fingerprints first)",
+                  permissions=["pin_host_keys"])
     def pin_host_keys(self, request, queryset):
         if request.POST.get("confirm") == "yes":
             for cluster in queryset:
@@ -83,7 +118,8 @@ class HpcClusterAdmin(admin.ModelAdmin):
             "offered": offered, "queryset": queryset,
             "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME, "opts": self.model._meta})
 
-    @admin.action(description="Connect now (launch the agent if it is not online)")
+    @admin.action(description="Connect now (launch the agent if it is not online)",
+                  permissions=["change"])
     def connect_now(self, request, queryset):
         for cluster in queryset:
             try:
@@ -129,11 +165,15 @@ class HpcJobAdmin(admin.ModelAdmin):
             except (JobStateError, HpcdError) as e:
                 self.message_user(request, str(e), messages.ERROR)
 
-    @admin.action(description="Cancel the selected jobs")
+    def has_cancel_permission(self, request):
+        return request.user.has_perm(f"{HpcJob._meta.app_label}.cancel_hpcjob")
+
+    @admin.action(description="Cancel the selected jobs", permissions=["cancel"])
     def cancel_jobs(self, request, queryset):
         self._each(request, queryset, "cancel")
 
-    @admin.action(description="Delete the selected jobs' data on the cluster")
+    @admin.action(description="Delete the selected jobs' data on the cluster",
+                  permissions=["delete"])
     def delete_job_data(self, request, queryset):
         self._each(request, queryset, "delete_job")
 

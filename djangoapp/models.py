@@ -11,6 +11,7 @@ import logging
 import mimetypes
 import random
 import secrets
+import uuid
 from datetime import timedelta
 
 from django.apps import apps
@@ -29,6 +30,7 @@ from djangoapp.transitions import JobStateError, model_receivers
 from hpc_agent.status import ACTIVE, JobStatus
 
 __all__ = ["HpcCluster", "HpcJob", "HpcJobManager", "HpcJobStatusChange", "WebsocketToken",
+           "HpcInstallation",
            "JobStatus", "JobStateError", "FileList", "CommandResult", "get_job_model",
            "display_name"]
 
@@ -133,6 +135,7 @@ class HpcCluster(models.Model):
     class Meta:
         verbose_name = "HPC cluster"
         ordering = ["host_name", "id"]
+        permissions = [("pin_host_keys", "Can fetch and pin a cluster's SSH host keys")]
 
     def __str__(self):
         return f"{self.host_name}:{self.client_path}"
@@ -386,6 +389,7 @@ class HpcJob(models.Model):
         verbose_name = "HPC job"
         ordering = ["-id"]
         indexes = [models.Index(fields=["cluster", "job_status"])]
+        permissions = [("cancel_hpcjob", "Can cancel HPC jobs")]
 
     def __str__(self):
         return f"job {self.pk} ({_status_name(self.job_status)})"
@@ -658,3 +662,36 @@ class WebsocketToken(models.Model):
         """Send a wire message (a dict with a ``type``, see hpc_agent.wire) over
         the live connection this token opened."""
         ipc.call(protocol.SendMessage, token_id=self.pk, message=message)
+
+
+class HpcInstallation(models.Model):
+    """This installation's identity: one row, its UUID made once.
+
+    hpcd sends it in every ``welcome``; an agent binds its state to the
+    first one it sees and refuses any other, so two sites (or a database
+    that was reset) sharing an agent directory cannot mix up their jobs,
+    whose ids are only unique within one database.  The migration creates
+    the row; :meth:`current` makes it if it is missing.
+    """
+
+    installation_id = models.UUIDField(
+        "installation id", default=uuid.uuid4, unique=True, editable=False,
+        help_text="Made once; agents refuse an installation whose id is not the one "
+                  "they first served.")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "installation"
+        ordering = ["id"]
+
+    def __str__(self):
+        return f"installation {self.installation_id}"
+
+    @classmethod
+    def current(cls):
+        """The installation's row, made on first use (the first writer wins
+        a race: the row has a fixed primary key)."""
+        row = cls.objects.order_by("id").first()
+        if row is None:
+            row, _ = cls.objects.get_or_create(pk=1)
+        return row
