@@ -15,9 +15,11 @@ from django.shortcuts import render
 
 from djangoapp.ipc import HpcdError
 from djangoapp.models import (
+    ON_CLUSTER,
     HpcCluster,
     HpcJob,
     HpcJobStatusChange,
+    JobStatus,
     WebsocketToken,
     get_job_model,
 )
@@ -167,6 +169,17 @@ class HpcJobAdmin(admin.ModelAdmin):
 
     def has_cancel_permission(self, request):
         return request.user.has_perm(f"{HpcJob._meta.app_label}.cancel_hpcjob")
+
+    def get_deleted_objects(self, objs, request):
+        # A job that may run on its cluster is shown as protected: the
+        # confirmation page says so and offers no "Yes" (its row would be
+        # refused anyway, with JobStillRunning).
+        deleted, counts, perms, protected = super().get_deleted_objects(objs, request)
+        running = [job for job in objs if JobStatus(job.job_status) in ON_CLUSTER]
+        protected = list(protected) + [
+            f"{job}: still on cluster {job.cluster}; cancel it and delete it once it "
+            "has ended" for job in running]
+        return deleted, counts, perms, protected
 
     @admin.action(description="Cancel the selected jobs", permissions=["cancel"])
     def cancel_jobs(self, request, queryset):

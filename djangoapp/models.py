@@ -16,6 +16,7 @@ from datetime import timedelta
 
 from django.apps import apps
 from django.db import models, router, transaction
+from django.db.models.signals import pre_delete
 from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.http import content_disposition_header, http_date
@@ -25,12 +26,13 @@ from djangoapp import crypto, ipc, protocol, submission, transitions
 from djangoapp.conf import hpc_settings
 from djangoapp.crypto import EncryptedTextField
 from djangoapp.files import FileList
+from djangoapp.protocol import JobStillRunning
 from djangoapp.shell import ClusterShell, CommandResult
 from djangoapp.transitions import JobStateError, model_receivers
 from hpc_agent.status import ACTIVE, JobStatus
 
 __all__ = ["HpcCluster", "HpcJob", "HpcJobManager", "HpcJobStatusChange", "WebsocketToken",
-           "HpcInstallation",
+           "HpcInstallation", "JobStillRunning",
            "JobStatus", "JobStateError", "FileList", "CommandResult", "get_job_model",
            "display_name"]
 
@@ -300,7 +302,29 @@ def file_etag(size, mtime):
     return f'"{int(size):x}-{int(round(float(mtime) * 1e6)):x}"'
 
 
-class HpcJobManager(models.Manager):
+class HpcJobQuerySet(models.QuerySet):
+    def delete(self):
+        """Delete the rows; refused with JobStillRunning, and nothing
+        deleted, when one of the jobs may run on its cluster.  Checked
+        before the deletion's transaction starts, so a refusal leaves the
+        caller's transaction usable."""
+        running = list(self.filter(job_status__in=[int(s) for s in ON_CLUSTER]).order_by()
+                       .values_list("pk", "job_status", "cluster_id")[:11])
+        if running:
+            pk, status, cluster_id = running[0]
+            more = (f" (and {len(running) - 1}{'+' if len(running) > 10 else ''} more "
+                    "such jobs)" if len(running) > 1 else "")
+            try:
+                _refuse_if_on_cluster(pk, status, cluster_id)
+            except JobStillRunning as e:
+                raise JobStillRunning(str(e) + more, [r[0] for r in running]) from None
+        return super().delete()
+
+    delete.alters_data = True
+    delete.queryset_only = True
+
+
+class HpcJobManager(models.Manager.from_queryset(HpcJobQuerySet)):
     """The manager of HpcJob and, inherited, of its subclasses.
 
     A job class that declares its own manager derives it from this one to
@@ -498,6 +522,16 @@ class HpcJob(models.Model):
         raise JobStateError(f"job {self.pk} is {_status_name(old)}: only a finished job can "
                             "be deleted (cancel it first)")
 
+    def delete(self, *args, **kwargs):
+        """Delete the row; refused with JobStillRunning while the job may run
+        on its cluster (cancel it and delete the row once it has ended).  A
+        DRAFT or PENDING job, which never reached a cluster, and a finished
+        one may be deleted.  The state checked is the stored one."""
+        if self.pk is not None:
+            stored = HpcJob.objects.filter(pk=self.pk).values_list("job_status", flat=True)
+            _refuse_if_on_cluster(self.pk, stored.first(), self.cluster_id)
+        return super().delete(*args, **kwargs)
+
     def _notify_hpcd(self):
         _notify_hpcd(self.pk)
 
@@ -566,6 +600,32 @@ class HpcJob(models.Model):
         The default lets active staff users in, and no one else.
         """
         return bool(user.is_active and user.is_staff)
+
+
+#: States in which a job may run on its cluster, or its data be removed
+#: there: its row is not deleted then (JobStillRunning).
+ON_CLUSTER = ACTIVE | {JobStatus.DELETING}
+
+
+def _refuse_if_on_cluster(job_id, status, cluster_id):
+    if status is not None and JobStatus(status) in ON_CLUSTER:
+        raise JobStillRunning(
+            f"job {job_id} is {JobStatus(status).name} on cluster {cluster_id}: deleting its "
+            "row would leave it on the cluster with nobody to cancel it. Cancel it "
+            "(job.cancel()) and delete the row once it has ended.", [job_id])
+
+
+def _refuse_deleting_a_running_job(sender, instance, **kwargs):
+    """The last line: every way a row goes (a cascade from a site's own
+    model, a manager not derived from HpcJobManager) sends pre_delete for
+    HpcJob, also for a subclass's row; raising here rolls the whole deletion
+    back (and, Django's deletion using no savepoint, the caller's
+    transaction with it: Model.delete and QuerySet.delete refuse before)."""
+    _refuse_if_on_cluster(instance.pk, instance.job_status, instance.cluster_id)
+
+
+pre_delete.connect(_refuse_deleting_a_running_job, sender=HpcJob,
+                   dispatch_uid="djangoapp.refuse_deleting_a_running_job")
 
 
 def _not_a_draft(job_id, old):
