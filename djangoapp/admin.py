@@ -142,9 +142,13 @@ class StatusChangeInline(admin.TabularInline):
         return False
 
 
+#: Characters of a job's detail the job list shows.
+LIST_DETAIL_CHARS = 120
+
+
 @admin.register(HpcJob)
 class HpcJobAdmin(admin.ModelAdmin):
-    list_display = ("id", "cluster", "job_status", "job_details", "remote_job_id",
+    list_display = ("id", "cluster", "job_status", "short_details", "remote_job_id",
                     "job_submitted_time", "job_finished_time")
     list_filter = ("job_status", "cluster")
     readonly_fields = ("job_status", "job_details", "remote_job_id", "job_pending_time",
@@ -152,6 +156,12 @@ class HpcJobAdmin(admin.ModelAdmin):
                        "job_running_time", "job_finished_time")
     inlines = [StatusChangeInline]
     actions = ["cancel_jobs", "delete_job_data"]
+
+    @admin.display(description="details", ordering="job_details")
+    def short_details(self, job):
+        # The list shows the start of a detail; the job's page shows it all.
+        detail = job.job_details
+        return detail if len(detail) <= LIST_DETAIL_CHARS else detail[:LIST_DETAIL_CHARS] + "…"
 
     def has_add_permission(self, request):
         # A job is added as the HPC_JOB_CLASS or not at all: a plain HpcJob

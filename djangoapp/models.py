@@ -26,13 +26,13 @@ from djangoapp import crypto, ipc, protocol, submission, transitions
 from djangoapp.conf import hpc_settings
 from djangoapp.crypto import EncryptedTextField
 from djangoapp.files import FileList
-from djangoapp.protocol import JobStillRunning
+from djangoapp.protocol import JobStillRunning, ParametersRefused
 from djangoapp.shell import ClusterShell, CommandResult
 from djangoapp.transitions import JobStateError, model_receivers
 from hpc_agent.status import ACTIVE, JobStatus
 
 __all__ = ["HpcCluster", "HpcJob", "HpcJobManager", "HpcJobStatusChange", "WebsocketToken",
-           "HpcInstallation", "JobStillRunning",
+           "HpcInstallation", "JobStillRunning", "ParametersRefused",
            "JobStatus", "JobStateError", "FileList", "CommandResult", "get_job_model",
            "display_name"]
 
@@ -338,7 +338,8 @@ class HpcJobManager(models.Manager.from_queryset(HpcJobQuerySet)):
         manager's class, saved or not (unsaved ones are inserted already
         PENDING).  As :meth:`HpcJob.submit` does for one: a job keeps the
         cluster it has, or gets its ``choose_cluster(parameters)``.  All or
-        nothing: a job that is not a DRAFT raises JobStateError and none is
+        nothing: a job that is not a DRAFT raises JobStateError, and
+        parameters submit() would refuse raise ParametersRefused, and none is
         submitted.  Returns the jobs, PENDING.
 
         With ``pre_save``/``post_save`` receivers connected for the class,
@@ -351,6 +352,8 @@ class HpcJobManager(models.Manager.from_queryset(HpcJobQuerySet)):
             if not isinstance(job, model):
                 raise TypeError(f"submit_many() of {model.__name__} was given {job!r}")
         _require_job_class(model)
+        for job, parameters in pairs:
+            submission.check_parameters(job.pk, parameters)
         choose = submission.cluster_chooser(model)
         for job, parameters in pairs:
             if job.cluster_id is None:
@@ -457,9 +460,12 @@ class HpcJob(models.Model):
         is online, or when it comes online: submit never fails because hpcd or
         the cluster is down, nor waits for it.  A job whose ``cluster`` is set
         stays on it; otherwise ``choose_cluster`` picks.  Only a DRAFT job can
-        be submitted (JobStateError).  Returns the job's status.
+        be submitted (JobStateError).  Parameters larger than
+        HPC_MAX_PARAMETERS_BYTES, or that are not JSON, raise
+        ParametersRefused and change nothing.  Returns the job's status.
         """
         _require_job_class(type(self))
+        submission.check_parameters(self.pk, parameters)
         if self.pk is None:
             self.save()
         if self.cluster_id is None:

@@ -19,7 +19,7 @@ __all__ = [
     "HpcdError", "ClusterOffline", "NotFound", "PathRefused", "FileMissing", "AgentError",
     "Timeout", "SSHFailed", "TooLarge", "ERROR_CLASSES",
     # errors raised in the Django process itself
-    "JobStillRunning",
+    "JobStillRunning", "ParametersRefused",
     # argument types, and the end of a streamed file
     "Bytes", "JSONValue", "TRAILER_OK", "TRAILER_SIZE", "UPLOAD_CHUNK_HEADER",
     # commands
@@ -78,6 +78,12 @@ class JobStillRunning(Exception):
     def __init__(self, message, jobs=()):
         super().__init__(message)
         self.jobs = list(jobs)
+
+
+class ParametersRefused(ValueError):
+    """submit() was given parameters that cannot reach the agent: larger than
+    HPC_MAX_PARAMETERS_BYTES, or not JSON (NaN, a set).  Nothing was
+    submitted.  Raised in the Django process, never sent over AMP."""
 
 
 _ERRORS = {

@@ -1,12 +1,39 @@
 """Writing many jobs PENDING at once: the insides of HpcJobManager.submit_many()."""
 
+import json
 import random
 
 from django.db import connections
 
 from djangoapp import transitions
+from djangoapp.conf import hpc_settings
+from djangoapp.protocol import ParametersRefused
 from djangoapp.transitions import JobStateError
+from hpc_agent import wire
 from hpc_agent.status import JobStatus
+
+#: Room in a submit frame for everything but the parameters.
+FRAME_OVERHEAD = 1024
+
+
+def check_parameters(job_id, parameters):
+    """Raise ParametersRefused unless ``parameters`` can travel to the agent:
+    JSON as the wire encodes it, at most HPC_MAX_PARAMETERS_BYTES (and never
+    more than a control frame holds).  Otherwise the job would wait in
+    SUBMITTING for good, its frame refused on every scan."""
+    what = f"job {job_id}" if job_id else "a new job"
+    try:
+        size = len(json.dumps(parameters, separators=(",", ":"), allow_nan=False)
+                   .encode("utf-8"))
+    except (TypeError, ValueError) as e:
+        raise ParametersRefused(f"the parameters of {what} are not JSON: {e}") from None
+    limit = min(int(hpc_settings.HPC_MAX_PARAMETERS_BYTES),
+                wire.MAX_CONTROL_MESSAGE - FRAME_OVERHEAD)
+    if size > limit:
+        raise ParametersRefused(
+            f"the parameters of {what} are {size} bytes of JSON, more than the {limit} "
+            "allowed (HPC_MAX_PARAMETERS_BYTES): put large inputs in files "
+            "(job.upload_file()) and pass their names; nothing was submitted")
 
 
 def cluster_chooser(model):

@@ -247,9 +247,11 @@ def apply_updates_thd(cluster_id, updates):
     agent speaks only for its own cluster.
     """
     valid = []
+    detail_limit = int(hpc_settings.HPC_JOB_DETAIL_MAX_CHARS)
     for u in updates:
         try:
-            valid.append({**u, "status": JobStatus(u["status"])})
+            valid.append(_bounded(cluster_id, {**u, "status": JobStatus(u["status"])},
+                                  detail_limit))
         except ValueError:
             log.warn("job {job}: unknown status {status} ignored", job=u["job"],
                      status=u["status"])
@@ -266,6 +268,40 @@ def apply_updates_thd(cluster_id, updates):
         log_update(cluster_id, change.job, False, change.old, change.new, change.detail)
     _notify_job_class(changes)
     return [u["seq"] for u in updates]
+
+
+def cap_detail(detail, limit):
+    """``detail`` cut to ``limit`` characters, the cut said at its end: an
+    agent's detail is stored in the job and in its history, and shown in the
+    admin, so megabytes of scheduler output must not reach them."""
+    if len(detail) <= limit:
+        return detail
+    keep = max(0, limit - 48)  # the marker's room
+    return detail[:keep] + f" [... {len(detail) - keep} more characters cut]"
+
+
+#: The longest scheduler id the remote_job_id column holds.
+REMOTE_ID_MAX = HpcJob._meta.get_field("remote_job_id").max_length
+
+
+def _bounded(cluster_id, update, detail_limit):
+    """An update whose detail fits HPC_JOB_DETAIL_MAX_CHARS and whose
+    scheduler id fits its column.  A longer id fails that job alone, as an
+    ERROR saying why (PostgreSQL would refuse the whole batch; SQLite would
+    store it); the job's later updates are then refused as after any end."""
+    update = {**update, "detail": cap_detail(update.get("detail") or "", detail_limit)}
+    scheduler_id = update.get("scheduler_id")
+    if scheduler_id and len(scheduler_id) > REMOTE_ID_MAX:
+        log.warn("cluster {cluster} reported job {job} with a scheduler id of {n} "
+                 "characters; the job ends in ERROR", cluster=cluster_id, job=update["job"],
+                 n=len(scheduler_id),
+                 hpc_event="update_refused", reason="scheduler id too long")
+        update.update(status=JobStatus.ERROR, scheduler_id=None, detail=cap_detail(
+            f"the scheduler's id for this job is {len(scheduler_id)} characters long, more "
+            f"than the {REMOTE_ID_MAX} the database holds (it begins "
+            f"{scheduler_id[:64]!r}); the job may still run on the cluster: check there",
+            detail_limit))
+    return update
 
 
 def log_update(cluster_id, job_id, applied, old, new, detail):
