@@ -28,7 +28,7 @@ from twisted.python.threadpool import ThreadPool
 
 from djangoapp import transitions
 from djangoapp.conf import hpc_settings
-from djangoapp.models import HpcCluster, HpcJob, WebsocketToken, get_job_model
+from djangoapp.models import HpcCluster, HpcInstallation, HpcJob, WebsocketToken, get_job_model
 from hpc_agent.status import NEEDS_DISPATCH, JobStatus
 from hpcd.metrics import DatabaseStats
 
@@ -85,6 +85,11 @@ def _arm_resume_tokens(tokens, ttl):
 
 def set_cluster_detail_thd(cluster_id, detail):
     HpcCluster.objects.filter(pk=cluster_id).update(status_detail=detail)
+
+
+def installation_id_thd():
+    """This installation's id (HpcInstallation), as hpcd's welcome sends it."""
+    return str(HpcInstallation.current().installation_id)
 
 
 # -- tokens ----------------------------------------------------------------------
@@ -475,6 +480,9 @@ class Store(service.Service):
 
     def set_cluster_detail(self, cluster_id, detail):
         return self.run(set_cluster_detail_thd, cluster_id, detail)
+
+    def installation_id(self):
+        return self.run(installation_id_thd)
 
     # -- tokens ------------------------------------------------------------------
 

@@ -19,3 +19,9 @@ def test_a_missing_row_is_made_on_first_use(db):
     made = HpcInstallation.current().installation_id
     assert made != old and HpcInstallation.current().installation_id == made
     assert HpcInstallation.objects.count() == 1
+
+
+def test_hpcd_reads_the_id_it_sends_in_welcome(db):
+    from hpcd import store
+
+    assert store.installation_id_thd() == str(HpcInstallation.current().installation_id)
