@@ -13,6 +13,8 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.shortcuts import render
 
+from djangoapp import ipc, protocol
+from djangoapp.conf import hpc_settings
 from djangoapp.ipc import HpcdError
 from djangoapp.models import (
     ON_CLUSTER,
@@ -63,6 +65,27 @@ class HpcClusterForm(forms.ModelForm):
         return data
 
 
+def live_connections():
+    """``{cluster id: online}`` as hpcd knows it now, or None when hpcd does
+    not answer within HPC_IPC_NOTIFY_TIMEOUT (stopped, hung, unreachable):
+    the database's ``online`` is only what hpcd last wrote, and a killed
+    hpcd cannot clear it.  One round trip per page."""
+    try:
+        status = ipc.call(protocol.Status, timeout=float(hpc_settings.HPC_IPC_NOTIFY_TIMEOUT))
+    except HpcdError:
+        return None
+    return {row["id"]: row["online"] for row in status["status"]["clusters"]}
+
+
+def connection_text(cluster, live):
+    """A cluster's connection in words, from :func:`live_connections`."""
+    if live is None:
+        return "unknown (hpcd does not answer)"
+    if not cluster.enabled:
+        return "disabled"
+    return "online" if live.get(cluster.pk) else "offline"
+
+
 #: Form fields that carry credentials: offered only to users who may change
 #: the cluster, and then write-only.
 CREDENTIAL_FIELDS = ("key", "password", "clear_credentials")
@@ -72,9 +95,9 @@ CREDENTIAL_FIELDS = ("key", "password", "clear_credentials")
 class HpcClusterAdmin(admin.ModelAdmin):
     form = HpcClusterForm
     list_display = ("host_name", "client_path", "enabled", "online", "connected_since",
-                    "status_detail")
+                    "status_detail")  # "online" is replaced by hpcd's live answer
     list_filter = ("enabled", "online")
-    readonly_fields = ("credentials_stored", "online", "connected_since", "status_detail")
+    readonly_fields = ("credentials_stored", "connection", "connected_since", "status_detail")
     actions = ["connect_now", "pin_host_keys"]
 
     def get_fields(self, request, obj=None):
@@ -86,6 +109,21 @@ class HpcClusterAdmin(admin.ModelAdmin):
         if not may_write:
             fields = [f for f in fields if f not in CREDENTIAL_FIELDS]
         return fields
+
+    def get_list_display(self, request):
+        live = live_connections()
+
+        @admin.display(description="connection")
+        def connection(cluster):
+            return connection_text(cluster, live)
+
+        return [connection if name == "online" else name for name in self.list_display]
+
+    @admin.display(description="connection")
+    def connection(self, obj):
+        if obj is None or obj.pk is None:
+            return "-"
+        return connection_text(obj, live_connections())
 
     @admin.display(description="stored credentials")
     def credentials_stored(self, obj):

@@ -1,10 +1,21 @@
 """The admin never shows stored credentials back and only edits through the API."""
 
+import os
+import socket
+import tempfile
+
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
 from djangoapp.models import HpcCluster, HpcJob, JobStatus
+
+
+@pytest.fixture
+def short_private_dir():
+    # Unix socket paths must stay under 108 bytes, in a directory only we write.
+    with tempfile.TemporaryDirectory(prefix="hpc-") as path:
+        yield path
 
 
 @pytest.fixture
@@ -164,3 +175,34 @@ def test_the_pin_action_works_with_its_permission(secret_cluster):
         f"key-{secret_cluster.pk}": line})
     secret_cluster.refresh_from_db()
     assert secret_cluster.host_key == line + "\n"
+
+
+# -- issue 9 item 15: a cluster's connection is "unknown" when hpcd does not answer ----
+
+def test_the_cluster_list_says_unknown_when_hpcd_is_not_running(admin_client, settings,
+                                                                 short_private_dir):
+    settings.HPC_IPC_UNIX_SOCKET = os.path.join(short_private_dir, "nobody.sock")
+    HpcCluster.objects.create(host_name="localhost", client_path="/srv/a")
+    # hpcd last wrote "online", then was killed: the database cannot know.
+    HpcCluster.objects.update(online=True)
+    page = admin_client.get("/admin/djangoapp/hpccluster/").content.decode()
+    assert "unknown (hpcd does not answer)" in page
+    cluster = HpcCluster.objects.get()
+    page = admin_client.get(f"/admin/djangoapp/hpccluster/{cluster.pk}/change/")
+    assert "unknown (hpcd does not answer)" in page.content.decode()
+
+
+def test_a_hung_hpcd_is_unknown_too(admin_client, settings, short_private_dir):
+    # A socket that takes connections and never answers (a stopped hpcd).
+    path = os.path.join(short_private_dir, "hung.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)
+    settings.HPC_IPC_UNIX_SOCKET = path
+    settings.HPC_IPC_NOTIFY_TIMEOUT = 0.2
+    HpcCluster.objects.create(host_name="localhost", client_path="/srv/a", online=True)
+    try:
+        page = admin_client.get("/admin/djangoapp/hpccluster/").content.decode()
+    finally:
+        listener.close()
+    assert "unknown (hpcd does not answer)" in page
