@@ -352,8 +352,9 @@ class HpcJobManager(models.Manager.from_queryset(HpcJobQuerySet)):
             if not isinstance(job, model):
                 raise TypeError(f"submit_many() of {model.__name__} was given {job!r}")
         _require_job_class(model)
+        limit = submission.parameters_limit()
         for job, parameters in pairs:
-            submission.check_parameters(job.pk, parameters)
+            submission.check_parameters(job.pk, parameters, limit)
         choose = submission.cluster_chooser(model)
         for job, parameters in pairs:
             if job.cluster_id is None:
@@ -465,7 +466,7 @@ class HpcJob(models.Model):
         ParametersRefused and change nothing.  Returns the job's status.
         """
         _require_job_class(type(self))
-        submission.check_parameters(self.pk, parameters)
+        submission.check_parameters(self.pk, parameters, submission.parameters_limit())
         if self.pk is None:
             self.save()
         if self.cluster_id is None:
