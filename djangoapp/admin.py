@@ -19,6 +19,7 @@ from djangoapp.ipc import HpcdError
 from djangoapp.models import (
     ON_CLUSTER,
     HpcCluster,
+    HpcInstallation,
     HpcJob,
     HpcJobStatusChange,
     JobStatus,
@@ -246,4 +247,22 @@ class WebsocketTokenAdmin(admin.ModelAdmin):
     readonly_fields = ("cluster", "purpose", "token_hash", "created", "expires", "used_at")
 
     def has_add_permission(self, request):
+        return False
+
+
+@admin.register(HpcInstallation)
+class HpcInstallationAdmin(admin.ModelAdmin):
+    """Shows this installation's id (agents name the one they serve when they
+    refuse another); it is made once and never edited."""
+
+    list_display = ("installation_id", "created")
+    readonly_fields = ("installation_id", "created")
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
         return False

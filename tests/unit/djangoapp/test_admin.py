@@ -206,3 +206,15 @@ def test_a_hung_hpcd_is_unknown_too(admin_client, settings, short_private_dir):
     finally:
         listener.close()
     assert "unknown (hpcd does not answer)" in page
+
+
+def test_the_installation_id_is_shown_and_cannot_be_changed(admin_client):
+    from djangoapp.models import HpcInstallation
+
+    installation = HpcInstallation.current()
+    page = admin_client.get("/admin/djangoapp/hpcinstallation/").content.decode()
+    assert str(installation.installation_id) in page
+    assert admin_client.get("/admin/djangoapp/hpcinstallation/add/").status_code == 403
+    url = f"/admin/djangoapp/hpcinstallation/{installation.pk}/delete/"
+    assert admin_client.post(url, {"post": "yes"}).status_code == 403
+    assert HpcInstallation.current().installation_id == installation.installation_id
