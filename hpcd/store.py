@@ -26,9 +26,10 @@ from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from djangoapp import transitions
+from djangoapp import submission, transitions
 from djangoapp.conf import hpc_settings
 from djangoapp.models import HpcCluster, HpcInstallation, HpcJob, WebsocketToken, get_job_model
+from djangoapp.protocol import ParametersRefused
 from hpc_agent.status import NEEDS_DISPATCH, JobStatus
 from hpcd.metrics import DatabaseStats
 
@@ -202,6 +203,9 @@ def work_thd(job_id=None):
         jobs = jobs.filter(pk=job_id)
     rows = list(jobs.order_by("pk").values_list("pk", "job_status", "cluster_id",
                                                 "job_parameters"))
+    unsendable = _end_unsendable_thd(rows)
+    if unsendable:
+        rows = [row for row in rows if row[0] not in unsendable]
     orphans = [pk for pk, status, cluster_id, _ in rows
                if cluster_id is None and status == JobStatus.PENDING]
     assigned = _assign_clusters_thd(orphans) if orphans else {}
@@ -209,6 +213,27 @@ def work_thd(job_id=None):
              "parameters": parameters}
             for pk, status, cluster_id, parameters in rows
             if cluster_id is not None or pk in assigned]
+
+
+def _end_unsendable_thd(rows):
+    """SUBMITTING jobs whose parameters no submit frame can carry (written
+    around submit(), which refuses them, or before it did) end in ERROR
+    saying why, instead of being sent, and refused, on every scan; returns
+    their ids.  Only SUBMITTING ones are checked: a job is SUBMITTING before
+    its first send, so each is caught by the scan after it, at the latest."""
+    limit = submission.parameters_limit()
+    ended = set()
+    for pk, status, _, parameters in rows:
+        if status != JobStatus.SUBMITTING:
+            continue
+        try:
+            submission.check_parameters(pk, parameters, limit)
+        except ParametersRefused as e:
+            transitions.apply(pk, JobStatus.ERROR, "hpcd", str(e), robust=True)
+            log.warn("job {job} ends in ERROR: {why}", job=pk, why=e,
+                     hpc_event="dispatch_failed", action="submit")
+            ended.add(pk)
+    return ended
 
 
 def stuck_jobs_thd(threshold_seconds, limit=100):

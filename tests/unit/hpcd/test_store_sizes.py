@@ -57,3 +57,19 @@ def test_a_scheduler_id_longer_than_its_column_fails_that_job_only(cluster):
     # Its later reports are refused, as after any end.
     store.apply_updates_thd(cluster.pk, [update(jobs[1].pk, S.RUNNING, scheduler_id="5")])
     assert HpcJob.objects.get(pk=jobs[1].pk).job_status == S.ERROR
+
+
+def test_a_submitting_job_whose_parameters_no_frame_carries_ends_in_error(cluster, settings):
+    settings.HPC_MAX_PARAMETERS_BYTES = 1000
+    # Written around submit(), which would have refused them.
+    big = HpcJob.objects.create(cluster=cluster, job_status=S.SUBMITTING,
+                                job_parameters={"script": "x" * 2000})
+    fine = HpcJob.objects.create(cluster=cluster, job_status=S.SUBMITTING,
+                                 job_parameters={"script": "echo hi"})
+    pending = HpcJob.objects.create(cluster=cluster, job_status=S.PENDING,
+                                    job_parameters={"script": "x" * 2000})
+    work = {w["job"] for w in store.work_thd()}
+    assert work == {fine.pk, pending.pk}  # a PENDING one is caught once SUBMITTING
+    big.refresh_from_db()
+    assert big.job_status == S.ERROR and "HPC_MAX_PARAMETERS_BYTES" in big.job_details
+    assert store.work_thd(big.pk) == []
