@@ -114,6 +114,13 @@ DEFAULTS = {
     # Largest file upload_file() accepts, in bytes (Django, hpcd and the agent
     # each stop a larger one).  None: no limit.
     "HPC_UPLOAD_MAX_BYTES": 10 * 1024 ** 3,
+    # -- sizes (issue 9) --
+    # Largest job parameters submit() accepts, in bytes of their JSON (they
+    # travel to the agent in one control frame, 16 MiB at most).
+    "HPC_MAX_PARAMETERS_BYTES": 1024 * 1024,
+    # Longest detail of a job's state that hpcd stores from an agent's update
+    # (in the job and its history); longer ones are cut, with a marker.
+    "HPC_JOB_DETAIL_MAX_CHARS": 4000,
 }
 
 

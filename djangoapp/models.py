@@ -11,10 +11,12 @@ import logging
 import mimetypes
 import random
 import secrets
+import uuid
 from datetime import timedelta
 
 from django.apps import apps
 from django.db import models, router, transaction
+from django.db.models.signals import pre_delete
 from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.http import content_disposition_header, http_date
@@ -24,11 +26,13 @@ from djangoapp import crypto, ipc, protocol, submission, transitions
 from djangoapp.conf import hpc_settings
 from djangoapp.crypto import EncryptedTextField
 from djangoapp.files import FileList
+from djangoapp.protocol import JobStillRunning, ParametersRefused
 from djangoapp.shell import ClusterShell, CommandResult
 from djangoapp.transitions import JobStateError, model_receivers
 from hpc_agent.status import ACTIVE, JobStatus
 
 __all__ = ["HpcCluster", "HpcJob", "HpcJobManager", "HpcJobStatusChange", "WebsocketToken",
+           "HpcInstallation", "JobStillRunning", "ParametersRefused",
            "JobStatus", "JobStateError", "FileList", "CommandResult", "get_job_model",
            "display_name"]
 
@@ -133,6 +137,7 @@ class HpcCluster(models.Model):
     class Meta:
         verbose_name = "HPC cluster"
         ordering = ["host_name", "id"]
+        permissions = [("pin_host_keys", "Can fetch and pin a cluster's SSH host keys")]
 
     def __str__(self):
         return f"{self.host_name}:{self.client_path}"
@@ -297,7 +302,29 @@ def file_etag(size, mtime):
     return f'"{int(size):x}-{int(round(float(mtime) * 1e6)):x}"'
 
 
-class HpcJobManager(models.Manager):
+class HpcJobQuerySet(models.QuerySet):
+    def delete(self):
+        """Delete the rows; refused with JobStillRunning, and nothing
+        deleted, when one of the jobs may run on its cluster.  Checked
+        before the deletion's transaction starts, so a refusal leaves the
+        caller's transaction usable."""
+        running = list(self.filter(job_status__in=[int(s) for s in ON_CLUSTER]).order_by()
+                       .values_list("pk", "job_status", "cluster_id")[:11])
+        if running:
+            pk, status, cluster_id = running[0]
+            more = (f" (and {len(running) - 1}{'+' if len(running) > 10 else ''} more "
+                    "such jobs)" if len(running) > 1 else "")
+            try:
+                _refuse_if_on_cluster(pk, status, cluster_id)
+            except JobStillRunning as e:
+                raise JobStillRunning(str(e) + more, [r[0] for r in running]) from None
+        return super().delete()
+
+    delete.alters_data = True
+    delete.queryset_only = True
+
+
+class HpcJobManager(models.Manager.from_queryset(HpcJobQuerySet)):
     """The manager of HpcJob and, inherited, of its subclasses.
 
     A job class that declares its own manager derives it from this one to
@@ -311,7 +338,8 @@ class HpcJobManager(models.Manager):
         manager's class, saved or not (unsaved ones are inserted already
         PENDING).  As :meth:`HpcJob.submit` does for one: a job keeps the
         cluster it has, or gets its ``choose_cluster(parameters)``.  All or
-        nothing: a job that is not a DRAFT raises JobStateError and none is
+        nothing: a job that is not a DRAFT raises JobStateError, and
+        parameters submit() would refuse raise ParametersRefused, and none is
         submitted.  Returns the jobs, PENDING.
 
         With ``pre_save``/``post_save`` receivers connected for the class,
@@ -324,6 +352,9 @@ class HpcJobManager(models.Manager):
             if not isinstance(job, model):
                 raise TypeError(f"submit_many() of {model.__name__} was given {job!r}")
         _require_job_class(model)
+        limit = submission.parameters_limit()
+        for job, parameters in pairs:
+            submission.check_parameters(job.pk, parameters, limit)
         choose = submission.cluster_chooser(model)
         for job, parameters in pairs:
             if job.cluster_id is None:
@@ -386,6 +417,7 @@ class HpcJob(models.Model):
         verbose_name = "HPC job"
         ordering = ["-id"]
         indexes = [models.Index(fields=["cluster", "job_status"])]
+        permissions = [("cancel_hpcjob", "Can cancel HPC jobs")]
 
     def __str__(self):
         return f"job {self.pk} ({_status_name(self.job_status)})"
@@ -429,9 +461,12 @@ class HpcJob(models.Model):
         is online, or when it comes online: submit never fails because hpcd or
         the cluster is down, nor waits for it.  A job whose ``cluster`` is set
         stays on it; otherwise ``choose_cluster`` picks.  Only a DRAFT job can
-        be submitted (JobStateError).  Returns the job's status.
+        be submitted (JobStateError).  Parameters larger than
+        HPC_MAX_PARAMETERS_BYTES, or that are not JSON, raise
+        ParametersRefused and change nothing.  Returns the job's status.
         """
         _require_job_class(type(self))
+        submission.check_parameters(self.pk, parameters, submission.parameters_limit())
         if self.pk is None:
             self.save()
         if self.cluster_id is None:
@@ -493,6 +528,16 @@ class HpcJob(models.Model):
             return old
         raise JobStateError(f"job {self.pk} is {_status_name(old)}: only a finished job can "
                             "be deleted (cancel it first)")
+
+    def delete(self, *args, **kwargs):
+        """Delete the row; refused with JobStillRunning while the job may run
+        on its cluster (cancel it and delete the row once it has ended).  A
+        DRAFT or PENDING job, which never reached a cluster, and a finished
+        one may be deleted.  The state checked is the stored one."""
+        if self.pk is not None:
+            stored = HpcJob.objects.filter(pk=self.pk).values_list("job_status", flat=True)
+            _refuse_if_on_cluster(self.pk, stored.first(), self.cluster_id)
+        return super().delete(*args, **kwargs)
 
     def _notify_hpcd(self):
         _notify_hpcd(self.pk)
@@ -562,6 +607,32 @@ class HpcJob(models.Model):
         The default lets active staff users in, and no one else.
         """
         return bool(user.is_active and user.is_staff)
+
+
+#: States in which a job may run on its cluster, or its data be removed
+#: there: its row is not deleted then (JobStillRunning).
+ON_CLUSTER = ACTIVE | {JobStatus.DELETING}
+
+
+def _refuse_if_on_cluster(job_id, status, cluster_id):
+    if status is not None and JobStatus(status) in ON_CLUSTER:
+        raise JobStillRunning(
+            f"job {job_id} is {JobStatus(status).name} on cluster {cluster_id}: deleting its "
+            "row would leave it on the cluster with nobody to cancel it. Cancel it "
+            "(job.cancel()) and delete the row once it has ended.", [job_id])
+
+
+def _refuse_deleting_a_running_job(sender, instance, **kwargs):
+    """The last line: every way a row goes (a cascade from a site's own
+    model, a manager not derived from HpcJobManager) sends pre_delete for
+    HpcJob, also for a subclass's row; raising here rolls the whole deletion
+    back (and, Django's deletion using no savepoint, the caller's
+    transaction with it: Model.delete and QuerySet.delete refuse before)."""
+    _refuse_if_on_cluster(instance.pk, instance.job_status, instance.cluster_id)
+
+
+pre_delete.connect(_refuse_deleting_a_running_job, sender=HpcJob,
+                   dispatch_uid="djangoapp.refuse_deleting_a_running_job")
 
 
 def _not_a_draft(job_id, old):
@@ -658,3 +729,36 @@ class WebsocketToken(models.Model):
         """Send a wire message (a dict with a ``type``, see hpc_agent.wire) over
         the live connection this token opened."""
         ipc.call(protocol.SendMessage, token_id=self.pk, message=message)
+
+
+class HpcInstallation(models.Model):
+    """This installation's identity: one row, its UUID made once.
+
+    hpcd sends it in every ``welcome``; an agent binds its state to the
+    first one it sees and refuses any other, so two sites (or a database
+    that was reset) sharing an agent directory cannot mix up their jobs,
+    whose ids are only unique within one database.  The migration creates
+    the row; :meth:`current` makes it if it is missing.
+    """
+
+    installation_id = models.UUIDField(
+        "installation id", default=uuid.uuid4, unique=True, editable=False,
+        help_text="Made once; agents refuse an installation whose id is not the one "
+                  "they first served.")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "installation"
+        ordering = ["id"]
+
+    def __str__(self):
+        return f"installation {self.installation_id}"
+
+    @classmethod
+    def current(cls):
+        """The installation's row, made on first use (the first writer wins
+        a race: the row has a fixed primary key)."""
+        row = cls.objects.order_by("id").first()
+        if row is None:
+            row, _ = cls.objects.get_or_create(pk=1)
+        return row

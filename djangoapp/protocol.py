@@ -18,6 +18,8 @@ __all__ = [
     # errors
     "HpcdError", "ClusterOffline", "NotFound", "PathRefused", "FileMissing", "AgentError",
     "Timeout", "SSHFailed", "TooLarge", "ERROR_CLASSES",
+    # errors raised in the Django process itself
+    "JobStillRunning", "ParametersRefused",
     # argument types, and the end of a streamed file
     "Bytes", "JSONValue", "TRAILER_OK", "TRAILER_SIZE", "UPLOAD_CHUNK_HEADER",
     # commands
@@ -65,6 +67,23 @@ class Timeout(HpcdError):
 
 class SSHFailed(HpcdError):
     """Logging in to the cluster or running a command there failed."""
+
+
+class JobStillRunning(Exception):
+    """A job row cannot be deleted while its job may run on its cluster
+    (SUBMITTING to CANCELLING, or DELETING): deleting the row would leave it
+    running there with nobody to cancel it.  ``jobs``: the ids refused.
+    Raised in the Django process, never sent over AMP."""
+
+    def __init__(self, message, jobs=()):
+        super().__init__(message)
+        self.jobs = list(jobs)
+
+
+class ParametersRefused(ValueError):
+    """submit() was given parameters that cannot reach the agent: larger than
+    HPC_MAX_PARAMETERS_BYTES, or not JSON (NaN, a set).  Nothing was
+    submitted.  Raised in the Django process, never sent over AMP."""
 
 
 _ERRORS = {

@@ -1,12 +1,46 @@
 """Writing many jobs PENDING at once: the insides of HpcJobManager.submit_many()."""
 
+import json
 import random
 
 from django.db import connections
 
 from djangoapp import transitions
+from djangoapp.conf import hpc_settings
+from djangoapp.protocol import ParametersRefused
 from djangoapp.transitions import JobStateError
+from hpc_agent import wire
 from hpc_agent.status import JobStatus
+
+#: Room in a submit frame for everything but the parameters.
+FRAME_OVERHEAD = 1024
+#: The wire's encoding (hpc_agent.wire.encode), made once: building an
+#: encoder per call cost more than encoding a small job's parameters.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def parameters_limit():
+    """HPC_MAX_PARAMETERS_BYTES, never more than a control frame holds
+    (read once per submission: a setting read costs as much as a check)."""
+    return min(int(hpc_settings.HPC_MAX_PARAMETERS_BYTES),
+               wire.MAX_CONTROL_MESSAGE - FRAME_OVERHEAD)
+
+
+def check_parameters(job_id, parameters, limit):
+    """Raise ParametersRefused unless ``parameters`` can travel to the agent:
+    JSON as the wire encodes it, at most ``limit`` bytes
+    (:func:`parameters_limit`).  Otherwise the job would wait in SUBMITTING
+    for good, its frame refused on every scan."""
+    what = f"job {job_id}" if job_id else "a new job"
+    try:
+        size = len(_ENCODER.encode(parameters).encode("utf-8"))
+    except (TypeError, ValueError) as e:
+        raise ParametersRefused(f"the parameters of {what} are not JSON: {e}") from None
+    if size > limit:
+        raise ParametersRefused(
+            f"the parameters of {what} are {size} bytes of JSON, more than the {limit} "
+            "allowed (HPC_MAX_PARAMETERS_BYTES): put large inputs in files "
+            "(job.upload_file()) and pass their names; nothing was submitted")
 
 
 def cluster_chooser(model):

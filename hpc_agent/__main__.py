@@ -58,6 +58,8 @@ def status(directory):
     state = AgentState(settings.HPC_STATE_FILE)
     try:
         counts = state.counts()
+        print("installation     " + (state.get_meta(state.INSTALLATION)
+                                     or "none yet (bound on the first welcome from hpcd)"))
         print("jobs             " + (", ".join(f"{n} {s.name}" for s, n in counts) or "none"))
         print(f"unacknowledged   {state.outbox_size()} updates waiting for hpcd")
     finally:

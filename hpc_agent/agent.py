@@ -41,6 +41,34 @@ RETRY_MAX_SECONDS = 30.0
 #: Updates sent and not yet acknowledged, at most: the rest wait in the
 #: outbox, so a long disconnection does not flood hpcd (or the agent's memory).
 MAX_IN_FLIGHT = 5000
+
+#: The detail of a job whose id the agent holds for another job.
+CONFLICT_DETAIL = (
+    "this agent already holds a job {job} submitted with other parameters (was the "
+    "database reset or restored?); not submitted, and its files are not served. Submit "
+    "a new job.")
+
+
+def _other_job(job, parameters):
+    """Whether a submit of ``parameters`` is for another job than the record
+    ``job`` (a tombstone left by a cancel or delete holds no parameters)."""
+    return job._parameters != "null" and job.parameters != parameters
+
+
+def _conflict_key(job_id):
+    # In the state's meta table: job ids whose submit named another job.
+    return f"conflict:{int(job_id)}"
+
+
+def _is_conflict(state, job_id):
+    return job_id is not None and state.get_meta(_conflict_key(job_id)) is not None
+
+
+def _refuse_conflicted_files(message):
+    raise RequestFailed("path_refused", f"job {message['job']}'s id belongs to another job on "
+                        "this cluster; its files are not served")
+
+
 class AgentCore:
     """The agent's behaviour, between one websocket and one scheduler."""
 
@@ -62,6 +90,9 @@ class AgentCore:
         #: ``on_welcome(resume_token, grace)``: the link decides what a welcome
         #: means (hpc_agent.link); without one, a welcome makes the core ready.
         self.on_welcome = None
+        #: ``on_refuse(code, reason)``: close the connection with this code and
+        #: exit (a welcome from an installation this agent does not serve).
+        self.on_refuse = None
         self._send = None
         self._ready = False
         self._sent_upto = 0
@@ -156,11 +187,29 @@ class AgentCore:
     # -- hpcd's messages -----------------------------------------------------
 
     def _on_welcome(self, message):
+        installation = message.get("installation")
+        if installation is not None:
+            bound = self.state.bind_installation(installation)
+            if bound != installation:
+                self._refuse_installation(bound, installation)
+                return
         log.info("connected to hpcd as cluster {cluster!r}", cluster=message["cluster"])
         if self.on_welcome is None:
             self.ready()
         else:
             self.on_welcome(message["resume_token"], message.get("resume_grace_seconds"))
+
+    def _refuse_installation(self, bound, installation):
+        # Job ids are unique within one Django database only: serving a
+        # second installation would mix its jobs up with the first's.
+        log.error("hpcd of installation {theirs} connected, but this agent directory ({path}) "
+                  "belongs to installation {ours}: refusing it. Give that installation's "
+                  "cluster another agent directory.", theirs=installation, ours=bound,
+                  path=self.settings.HPC_JOB_WORKING_DIRECTORY)
+        reason = (f"this agent directory belongs to installation {bound}; "
+                  "use another agent directory")
+        if self.on_refuse is not None:
+            self.on_refuse(wire.CLOSE_INSTALLATION, reason)
 
     def _on_ack(self, message):
         self.state.acknowledge(message["seqs"])
@@ -192,8 +241,10 @@ class AgentCore:
         # Requests that change a job's state take its lock; file requests
         # only read, and one hung on a file system must not hold up a cancel.
         locked = message["type"] in ("submit", "cancel", "delete")
-        d = self._with_job_lock(message.get("job") if locked else None,
-                                self._requests[message["type"]], message)
+        handler = self._requests[message["type"]]
+        if not locked and _is_conflict(self.state, message.get("job")):
+            handler = _refuse_conflicted_files
+        d = self._with_job_lock(message.get("job") if locked else None, handler, message)
         if locked:
             # Whatever the answer says about a job's state is durable first.
             d.addBoth(lambda result: self.state.when_durable().addCallback(lambda _: result))
@@ -234,6 +285,8 @@ class AgentCore:
     def _on_submit(self, message):
         job_id = message["job"]
         job = self.state.get(job_id)
+        if job is not None and _other_job(job, message["parameters"]):
+            return self._conflict(job_id)
         if job is None:
             # Durable before the scheduler sees it: a crash then never
             # submits it twice.
@@ -244,6 +297,21 @@ class AgentCore:
             yield self._resume_submit(job_id, job.parameters)
         job = self.state.get(job_id)
         return {"scheduler_id": job.scheduler_id, "status": int(job.status)}
+
+    def _conflict(self, job_id):
+        """hpcd submitted a job id this agent holds for a job with other
+        parameters (a database reset or restored under the same
+        installation): that job ends in ERROR in Django, and its file
+        requests and delete are refused, so it never reaches the other job's
+        files.  The record here stays the other job's."""
+        key = _conflict_key(job_id)
+        if self.state.get_meta(key) is None:
+            self.state.set_meta(key, "1")
+            log.error("hpcd submitted job {job} with other parameters than the job {job} this "
+                      "agent holds; it ends in ERROR", job=job_id)
+            self.state.report(job_id, JobStatus.ERROR, CONFLICT_DETAIL.format(job=job_id))
+            self.flush()
+        return {"scheduler_id": None, "status": int(JobStatus.ERROR)}
 
     @defer.inlineCallbacks
     def _submit(self, job_id, parameters):
@@ -325,6 +393,12 @@ class AgentCore:
     @defer.inlineCallbacks
     def _on_delete(self, message):
         job_id = message["job"]
+        if _is_conflict(self.state, job_id):
+            # The data under this id is the other job's: keep it.
+            self.state.report(job_id, JobStatus.DELETED, "nothing to delete: the directory "
+                              "under this job id belongs to another job")
+            self.flush()
+            return {"status": int(JobStatus.DELETED)}
         job = self.state.get(job_id)
         if job is not None and not is_final(job.status):
             raise RequestFailed("job_active", f"job {job_id} is {job.status.name}: "

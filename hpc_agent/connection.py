@@ -25,7 +25,7 @@ log = Logger()
 
 #: Close codes after which the agent must not come back.
 DISMISSING = {wire.CLOSE_SUPERSEDED: "superseded", wire.CLOSE_SHUTDOWN: "shutdown",
-              wire.CLOSE_PROTOCOL: "protocol"}
+              wire.CLOSE_PROTOCOL: "protocol", wire.CLOSE_INSTALLATION: "installation"}
 #: Handshake answers that mean "this credential is no good".
 REFUSING = frozenset({401, 403})
 
@@ -119,6 +119,8 @@ class Link:
         self.protocol = None
         self.machine = LinkMachine(self, reactor, reconnect_seconds)
         core.on_welcome = lambda token, grace: self.event("welcomed", token, grace)
+        core.on_refuse = self.refuse
+        self._refused = None  # why the agent itself closed for good
         base = url.rstrip("/")
         self.factory = WebSocketClientFactory(f"{base}/agent")
         self.factory.protocol = AgentClientProtocol
@@ -176,10 +178,20 @@ class Link:
             return
         self.protocol = None
         self.core.lost()
-        if code in DISMISSING:
+        if self._refused is not None:
+            self.event("dismissed", *self._refused)
+        elif code in DISMISSING:
             self.event("dismissed", code, reason)
         else:
             self.event("lost", code, reason)
+
+    def refuse(self, code, reason):
+        """The agent closes the connection for good (hpcd sees ``code``
+        and records ``reason``); it exits once the connection is closed."""
+        self._refused = (code, reason)
+        if self.protocol is not None:
+            # A close reason is at most 123 bytes of UTF-8.
+            self.protocol.sendClose(code, reason.encode("utf-8")[:123].decode("utf-8", "ignore"))
 
     # -- the machine's decisions -----------------------------------------------
 

@@ -248,6 +248,17 @@ class AgentState:
         self._write([("job", row), ("outbox", (seq, job, int(status), detail, now, scheduler_id))])
         return seq
 
+    def report(self, job, status, detail=""):
+        """Queue an update for hpcd about ``job`` without touching the job's
+        record here: for a job id the agent holds for another job (a
+        submit with other parameters), whose own record must stay as it is.
+        Returns the outbox sequence number."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._write([("outbox", (seq, job, int(JobStatus(status)), detail, self._clock(),
+                                 None))])
+        return seq
+
     # -- outbox --------------------------------------------------------------
 
     def pending_updates(self, after=0, limit=1000):
@@ -298,6 +309,19 @@ class AgentState:
         return len(stored - set(self._acked)) + self._unwritten_updates
 
     # -- meta ----------------------------------------------------------------
+
+    #: The meta key of the installation (hpcd's ``welcome``) this state serves.
+    INSTALLATION = "installation"
+
+    def bind_installation(self, installation):
+        """Bind this state to ``installation`` if it is bound to none yet;
+        returns the installation it is bound to (``installation`` unless
+        another one came first)."""
+        bound = self.get_meta(self.INSTALLATION)
+        if bound is None:
+            self.set_meta(self.INSTALLATION, installation)
+            return installation
+        return bound
 
     def get_meta(self, key, default=None):
         if key in self._meta:

@@ -27,11 +27,15 @@ agent -> hpcd
 
 hpcd -> agent
   welcome     protocol:int cluster:str resume_token:str [resume_grace_seconds:number]
+              [installation:str]
               The connection is accepted; ``resume_token`` replaces the
               previous one and lets the agent reconnect after a drop.
               ``resume_grace_seconds``: how long hpcd waits for a lost agent
               to come back before launching another; the agent caps its
-              reconnect backoff at a third of it.
+              reconnect backoff at a third of it.  ``installation``: the
+              Django installation's id (HpcInstallation); the agent binds
+              its state to the first it sees and closes with
+              CLOSE_INSTALLATION when another one welcomes it.
   ack         seqs:[int] [retry:[int]]
               ``seqs`` are stored (or knowingly refused): forget them.
               ``retry``: these could not be stored; the agent sends them
@@ -112,6 +116,7 @@ PROTOCOL_VERSION = 1
 CLOSE_SUPERSEDED = 4001  # another agent now serves this cluster: exit
 CLOSE_SHUTDOWN = 4002  # the cluster was removed or disabled: exit
 CLOSE_PROTOCOL = 4003  # hpcd does not speak the agent's protocol version: exit
+CLOSE_INSTALLATION = 4005  # sent by the agent: its directory serves another installation
 
 #: Largest binary message hpcd sends on an upload (the agent accepts no more).
 MAX_UPLOAD_MESSAGE = 1024 * 1024
@@ -175,7 +180,7 @@ SCHEMA = {
     "reply": ({"id": INT, "ok": BOOL}, {"result": ANY, "error": STR, "message": STR}, False),
     "error": ({"code": STR, "message": STR}, {}, False),
     "welcome": ({"protocol": INT, "cluster": STR, "resume_token": STR},
-                {"resume_grace_seconds": NUMBER}, False),
+                {"resume_grace_seconds": NUMBER, "installation": STR}, False),
     "ack": ({"seqs": INT_LIST}, {"retry": INT_LIST}, False),
     "submit": ({"job": INT, "parameters": ANY}, {}, True),
     "cancel": ({"job": INT}, {}, True),

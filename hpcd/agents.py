@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from djangoapp.protocol import AgentError, ClusterOffline, Timeout
 from hpc_agent import wire
-from hpc_agent.wire import CLOSE_PROTOCOL
+from hpc_agent.wire import CLOSE_INSTALLATION, CLOSE_PROTOCOL
 from hpcd import transfers
 
 log = Logger()
@@ -324,6 +324,10 @@ class AgentSession:
         #: Mirrors the machine: True in ``welcomed`` only (ClusterManager reads it).
         self.ready = False
         self.hello = None
+        self.installation = None
+        #: Why the agent refused this installation (it closed with
+        #: CLOSE_INSTALLATION), for the cluster's status; else None.
+        self.refusal = None
         self._requests = Requests(daemon.reactor, f"the agent of cluster {self.cluster_id}")
         self._writer = UpdateWriter(daemon.store, self.cluster_id, self._ack)
         self._gone = []
@@ -378,6 +382,8 @@ class AgentSession:
     def _take_over(self, message):
         self.hello = message
         d = self.daemon.clusters.agent_hello(self)
+        d.addCallback(lambda _: self.daemon.store.installation_id())
+        d.addCallback(lambda installation: setattr(self, "installation", installation))
         d.addCallback(lambda _: self.daemon.store.issue_token(self.cluster_id, "resume", None))
         d.addCallback(lambda token: self.took_over(token[1]))
 
@@ -391,7 +397,7 @@ class AgentSession:
     def _welcome(self, secret):
         self.send(wire.encode(
             "welcome", protocol=wire.PROTOCOL_VERSION, cluster=str(self.cluster_id),
-            resume_token=secret,
+            resume_token=secret, installation=self.installation,
             resume_grace_seconds=float(self.daemon.settings.HPC_AGENT_RESUME_GRACE_SECONDS)))
         self.ready = True
         if not self.hello["nvx"]:
@@ -420,6 +426,8 @@ class AgentSession:
 
     @_machine.output()
     def _forget(self, code, reason):
+        if code == CLOSE_INSTALLATION:
+            self.refusal = reason or "the agent refused this installation"
         self.ready = False
         self.daemon.clusters.agent_lost(self)
         log.info("cluster {id}: agent connection closed ({code} {reason})",

@@ -408,6 +408,13 @@ class ClusterManager(service.Service):
         link = self.links.get(session.cluster_id)
         if link is not None:
             self._input(link, link.agent_lost)
-        self._store.set_cluster_state(session.cluster_id, False, "agent connection lost",
-                                      self._resume_ttl()) \
+        detail = "agent connection lost"
+        if session.refusal is not None:
+            # Another installation's agent directory: relaunching cannot help.
+            detail = (f"the agent refused to serve this installation: {session.refusal}; "
+                      "then use 'Connect now' (HpcCluster.try_connect())")
+            log.error("cluster {id}: {detail}", id=session.cluster_id, detail=detail)
+            if link is not None:
+                self._input(link, link.stop)
+        self._store.set_cluster_state(session.cluster_id, False, detail, self._resume_ttl()) \
             .addErrback(lambda f: log.failure("recording cluster state failed", f))

@@ -26,9 +26,10 @@ from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from djangoapp import transitions
+from djangoapp import submission, transitions
 from djangoapp.conf import hpc_settings
-from djangoapp.models import HpcCluster, HpcJob, WebsocketToken, get_job_model
+from djangoapp.models import HpcCluster, HpcInstallation, HpcJob, WebsocketToken, get_job_model
+from djangoapp.protocol import ParametersRefused
 from hpc_agent.status import NEEDS_DISPATCH, JobStatus
 from hpcd.metrics import DatabaseStats
 
@@ -85,6 +86,11 @@ def _arm_resume_tokens(tokens, ttl):
 
 def set_cluster_detail_thd(cluster_id, detail):
     HpcCluster.objects.filter(pk=cluster_id).update(status_detail=detail)
+
+
+def installation_id_thd():
+    """This installation's id (HpcInstallation), as hpcd's welcome sends it."""
+    return str(HpcInstallation.current().installation_id)
 
 
 # -- tokens ----------------------------------------------------------------------
@@ -197,6 +203,9 @@ def work_thd(job_id=None):
         jobs = jobs.filter(pk=job_id)
     rows = list(jobs.order_by("pk").values_list("pk", "job_status", "cluster_id",
                                                 "job_parameters"))
+    unsendable = _end_unsendable_thd(rows)
+    if unsendable:
+        rows = [row for row in rows if row[0] not in unsendable]
     orphans = [pk for pk, status, cluster_id, _ in rows
                if cluster_id is None and status == JobStatus.PENDING]
     assigned = _assign_clusters_thd(orphans) if orphans else {}
@@ -204,6 +213,27 @@ def work_thd(job_id=None):
              "parameters": parameters}
             for pk, status, cluster_id, parameters in rows
             if cluster_id is not None or pk in assigned]
+
+
+def _end_unsendable_thd(rows):
+    """SUBMITTING jobs whose parameters no submit frame can carry (written
+    around submit(), which refuses them, or before it did) end in ERROR
+    saying why, instead of being sent, and refused, on every scan; returns
+    their ids.  Only SUBMITTING ones are checked: a job is SUBMITTING before
+    its first send, so each is caught by the scan after it, at the latest."""
+    limit = submission.parameters_limit()
+    ended = set()
+    for pk, status, _, parameters in rows:
+        if status != JobStatus.SUBMITTING:
+            continue
+        try:
+            submission.check_parameters(pk, parameters, limit)
+        except ParametersRefused as e:
+            transitions.apply(pk, JobStatus.ERROR, "hpcd", str(e), robust=True)
+            log.warn("job {job} ends in ERROR: {why}", job=pk, why=e,
+                     hpc_event="dispatch_failed", action="submit")
+            ended.add(pk)
+    return ended
 
 
 def stuck_jobs_thd(threshold_seconds, limit=100):
@@ -247,9 +277,11 @@ def apply_updates_thd(cluster_id, updates):
     agent speaks only for its own cluster.
     """
     valid = []
+    detail_limit = int(hpc_settings.HPC_JOB_DETAIL_MAX_CHARS)
     for u in updates:
         try:
-            valid.append({**u, "status": JobStatus(u["status"])})
+            valid.append(_bounded(cluster_id, {**u, "status": JobStatus(u["status"])},
+                                  detail_limit))
         except ValueError:
             log.warn("job {job}: unknown status {status} ignored", job=u["job"],
                      status=u["status"])
@@ -266,6 +298,40 @@ def apply_updates_thd(cluster_id, updates):
         log_update(cluster_id, change.job, False, change.old, change.new, change.detail)
     _notify_job_class(changes)
     return [u["seq"] for u in updates]
+
+
+def cap_detail(detail, limit):
+    """``detail`` cut to ``limit`` characters, the cut said at its end: an
+    agent's detail is stored in the job and in its history, and shown in the
+    admin, so megabytes of scheduler output must not reach them."""
+    if len(detail) <= limit:
+        return detail
+    keep = max(0, limit - 48)  # the marker's room
+    return detail[:keep] + f" [... {len(detail) - keep} more characters cut]"
+
+
+#: The longest scheduler id the remote_job_id column holds.
+REMOTE_ID_MAX = HpcJob._meta.get_field("remote_job_id").max_length
+
+
+def _bounded(cluster_id, update, detail_limit):
+    """An update whose detail fits HPC_JOB_DETAIL_MAX_CHARS and whose
+    scheduler id fits its column.  A longer id fails that job alone, as an
+    ERROR saying why (PostgreSQL would refuse the whole batch; SQLite would
+    store it); the job's later updates are then refused as after any end."""
+    update = {**update, "detail": cap_detail(update.get("detail") or "", detail_limit)}
+    scheduler_id = update.get("scheduler_id")
+    if scheduler_id and len(scheduler_id) > REMOTE_ID_MAX:
+        log.warn("cluster {cluster} reported job {job} with a scheduler id of {n} "
+                 "characters; the job ends in ERROR", cluster=cluster_id, job=update["job"],
+                 n=len(scheduler_id),
+                 hpc_event="update_refused", reason="scheduler id too long")
+        update.update(status=JobStatus.ERROR, scheduler_id=None, detail=cap_detail(
+            f"the scheduler's id for this job is {len(scheduler_id)} characters long, more "
+            f"than the {REMOTE_ID_MAX} the database holds (it begins "
+            f"{scheduler_id[:64]!r}); the job may still run on the cluster: check there",
+            detail_limit))
+    return update
 
 
 def log_update(cluster_id, job_id, applied, old, new, detail):
@@ -439,6 +505,9 @@ class Store(service.Service):
 
     def set_cluster_detail(self, cluster_id, detail):
         return self.run(set_cluster_detail_thd, cluster_id, detail)
+
+    def installation_id(self):
+        return self.run(installation_id_thd)
 
     # -- tokens ------------------------------------------------------------------
 

@@ -533,7 +533,9 @@ def test_a_job_recorded_submitting_and_not_found_is_submitted(agent):
     agent.state.record_submitting(5, PARAMS)
     FakeScheduler.found = {}
     agent.connect()
-    reply = agent.ask("submit", job=5, parameters={"script": "ignored: the record wins"})
+    # The same parameters (hpcd sends the job's again): other ones would be
+    # another job under the same id (see the installation tests below).
+    reply = agent.ask("submit", job=5, parameters=PARAMS)
     assert reply["result"] == {"scheduler_id": "sched-5", "status": int(S.SUBMITTED)}
     assert agent.calls("submit") == [("submit", 5, PARAMS)]
 
@@ -702,6 +704,93 @@ def test_delete_of_an_unknown_job_reports_deleted(agent):
     agent.connect()
     assert agent.ask("delete", job=5)["result"] == {"status": int(S.DELETED)}
     assert agent.calls() == [("delete_data", 5, None)]
+
+
+# -- installations and job ids (issue 9 item 13) -------------------------------------
+
+INSTALLATION_A = "11111111-1111-4111-8111-111111111111"
+INSTALLATION_B = "22222222-2222-4222-8222-222222222222"
+
+
+def welcome_from(agent, installation, token="resume-1"):
+    agent.receive("welcome", protocol=wire.PROTOCOL_VERSION, cluster="7", resume_token=token,
+                  installation=installation)
+
+
+def test_the_state_binds_to_the_first_installation_and_serves_it_again(agent):
+    agent.record(5, S.CANCELLED)
+    agent.link.opened()
+    welcome_from(agent, INSTALLATION_A)
+    assert agent.state.get_meta("installation") == INSTALLATION_A
+    assert agent.updates() == [(5, S.CANCELLED)]
+    agent.disconnect()
+    agent.link.opened()
+    welcome_from(agent, INSTALLATION_A, "resume-2")
+    assert agent.io.credentials[-1] == "resume-2" and agent.io.gave_up == []
+
+
+def test_another_installation_is_refused_with_4005_and_gets_nothing(agent):
+    refused = []
+    agent.core.on_refuse = lambda code, reason: refused.append((code, reason))
+    agent.state.set_meta("installation", INSTALLATION_A)
+    agent.record(5, S.CANCELLED)
+    agent.link.opened()
+    welcome_from(agent, INSTALLATION_B)
+    ((code, reason),) = refused
+    assert code == wire.CLOSE_INSTALLATION == 4005
+    assert reason == (f"this agent directory belongs to installation {INSTALLATION_A}; "
+                      "use another agent directory")
+    assert len(reason.encode()) <= 123  # fits a websocket close frame
+    assert agent.updates() == [] and agent.io.credentials == []
+    assert agent.state.get_meta("installation") == INSTALLATION_A
+
+
+def test_a_welcome_without_an_installation_binds_nothing(agent):
+    agent.connect()  # an hpcd from before installations
+    assert agent.state.get_meta("installation") is None
+    welcome_from(agent, INSTALLATION_A)
+    assert agent.state.get_meta("installation") == INSTALLATION_A
+
+
+def test_a_known_job_id_submitted_with_other_parameters_ends_in_error(agent, tmp_path):
+    agent.connect()
+    agent.ask("submit", job=5, parameters=PARAMS)
+    job_dir(tmp_path, 5, {"secret.txt": b"the first job's output"})
+    other = {"script": "echo another job"}
+    reply = agent.ask("submit", job=5, parameters=other)
+    assert reply["result"] == {"scheduler_id": None, "status": int(S.ERROR)}
+    assert agent.updates() == [(5, S.SUBMITTED), (5, S.ERROR)]
+    (error,) = [f for f in agent.frames() if f["type"] == "update" and f["status"] == S.ERROR]
+    assert "other parameters" in error["detail"]
+    # The agent's own record is still the first job's, submitted once.
+    kept = agent.state.get(5)
+    assert (kept.status, kept.scheduler_id, kept.parameters) == (S.SUBMITTED, "sched-5", PARAMS)
+    assert len(agent.calls("submit")) == 1
+    # Asked again, it answers the same and reports nothing new.
+    assert agent.ask("submit", job=5, parameters=other)["result"]["status"] == int(S.ERROR)
+    assert agent.updates() == [(5, S.SUBMITTED), (5, S.ERROR)]
+
+
+def test_a_conflicting_job_gets_no_files_and_its_delete_keeps_them(agent, tmp_path):
+    agent.connect()
+    agent.ask("submit", job=5, parameters={"a": 1})
+    agent.record(5, S.COMPLETED)
+    job_dir(tmp_path, 5, {"secret.txt": b"the first job's output"})
+    agent.ask("submit", job=5, parameters={"a": 2})
+    for mtype, fields in (("list_files", {"path": "/", "recursive": True}),
+                          ("fetch_file", {"path": "secret.txt", "token": "t"}),
+                          ("file_checksum", {"path": "secret.txt"}),
+                          ("upload_file", {"path": "in.txt", "token": "t"})):
+        reply = agent.ask(mtype, job=5, **fields)
+        assert (reply["ok"], reply["error"]) == (False, "path_refused"), mtype
+    assert agent.transfers == [] and agent.uploads == []
+    assert agent.ask("delete", job=5)["result"] == {"status": int(S.DELETED)}
+    assert agent.calls("delete_data") == []
+    assert (tmp_path / "jobs" / "5" / "secret.txt").exists()
+    assert agent.updates()[-1] == (5, S.DELETED)
+    # Other jobs are served as before.
+    job_dir(tmp_path, 6)
+    assert agent.ask("list_files", job=6, path="/", recursive=True)["ok"]
 
 
 # -- one job at a time ----------------------------------------------------------------

@@ -283,6 +283,21 @@ def test_a_welcome_rotates_the_credential_and_a_close_code_dismisses(reactor):
     assert core.events[-1] == "lost" and len(gave) == 1
 
 
+def test_the_agent_refusing_an_installation_closes_with_4005_and_exits(reactor):
+    link, core, gave = make_link(reactor)
+    protocol = attempt(link)
+    closes = []
+    protocol.sendClose = lambda code, reason: closes.append((code, reason))
+    link.opened(protocol)
+    core.on_refuse(wire.CLOSE_INSTALLATION, "this agent directory belongs to installation " +
+                   "x" * 200)
+    ((code, reason),) = closes
+    assert code == 4005 and len(reason.encode()) <= 123
+    # However the close ends (hpcd's echo may not arrive), the agent exits.
+    link.closed(protocol, 1006, "connection lost")
+    assert len(gave) == 1 and "belongs to installation" in gave[0]
+
+
 def test_the_first_attempts_refusal_exits_promptly(reactor):
     link, core, gave = make_link(reactor)
     link.closed(attempt(link, "HTTP/1.1 401 Unauthorized"), 1006, "upgrade failed")

@@ -51,6 +51,9 @@ class Store:
     def issue_token(self, cluster_id, purpose, ttl):
         return defer.succeed((99, "resume-secret"))
 
+    def installation_id(self):
+        return defer.succeed("5f0c6f4e-0000-4000-8000-000000000001")
+
     def apply_updates(self, cluster_id, updates):
         return defer.succeed([u["seq"] for u in updates])
 

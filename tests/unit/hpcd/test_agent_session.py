@@ -10,6 +10,7 @@ from hpcd.agents import AgentSession
 from hpcd.commands import AgentError, ClusterOffline, Timeout
 
 REQUEST_TIMEOUT = 5.0
+INSTALLATION = "5f0c6f4e-0000-4000-8000-000000000001"
 
 
 class FakeProtocol:
@@ -37,6 +38,9 @@ class FakeStore:
     def issue_token(self, cluster_id, purpose, ttl):
         self.tokens.append((cluster_id, purpose, ttl))
         return defer.succeed((100 + len(self.tokens), f"secret-{len(self.tokens)}"))
+
+    def installation_id(self):
+        return defer.succeed(INSTALLATION)
 
 
 class FakeClusters:
@@ -128,7 +132,8 @@ def test_hello_is_answered_with_welcome_and_a_fresh_resume_token(session, protoc
     session.message(hello(), False)
     assert frames(protocol) == [{"type": "welcome", "protocol": wire.PROTOCOL_VERSION,
                                  "cluster": "3", "resume_token": "secret-1",
-                                 "resume_grace_seconds": 15.0}]
+                                 "resume_grace_seconds": 15.0,
+                                 "installation": INSTALLATION}]
     assert daemon.store.tokens == [(3, "resume", None)]
     assert daemon.clusters.events == ["hello", "ready"]
     assert session.ready and session.hello["hostname"] == "login1"
@@ -284,3 +289,17 @@ def test_send_message_sends_a_caller_built_frame_and_checks_it(ready, protocol):
         ready.send_message({"job": 5})
     with pytest.raises(wire.ProtocolError):
         ready.send_message({"type": "cancel", "job": "five", "id": 1})
+
+
+def test_an_agent_closing_with_4005_leaves_its_reason_for_the_cluster(ready, daemon):
+    assert ready.refusal is None
+    ready.protocol.frames.clear()
+    ready.lost(wire.CLOSE_INSTALLATION, "this agent directory belongs to installation X; "
+                                        "use another agent directory")
+    assert ready.refusal.startswith("this agent directory belongs to installation X")
+    assert daemon.clusters.events[-1] == "lost"
+
+
+def test_other_closes_leave_no_refusal(ready):
+    ready.lost(1006, "gone")
+    assert ready.refusal is None
