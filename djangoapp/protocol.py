@@ -173,6 +173,11 @@ class ListFiles(amp.Command):
     """``[[path, is_dir, size], ...]`` from the agent; with ``with_mtime``
     each entry has the file's mtime as a fourth element."""
 
+    #: hpcd waits up to HPC_AGENT_REQUEST_TIMEOUT for the agent before it
+    #: answers: Django's client waits longer (see djangoapp.ipc), so that an
+    #: agent's timeout reaches it as hpcd's Timeout, not as its own.
+    waits_for_agent = True
+
     arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer(optional=True)),
                  (b"path", amp.Unicode()), (b"recursive", amp.Boolean()),
                  (b"with_mtime", amp.Boolean(optional=True))]
@@ -195,6 +200,8 @@ class FetchFile(amp.ProtocolSwitchCommand):
     range (the agent seeks: nothing before it is sent); ``size`` is then the
     range's, ``total_size`` the whole file's, and ``mtime`` its modification
     time (both absent from an hpcd or agent that predates them)."""
+
+    waits_for_agent = True  # for the agent's header: see ListFiles
 
     arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer(optional=True)),
                  (b"path", amp.Unicode()), (b"extra_params", JSONValue(optional=True)),
@@ -305,6 +312,8 @@ class UploadFile(amp.ProtocolSwitchCommand):
     """Receive a file into a job's working directory (``path`` relative to
     it).  Answered once the agent is ready to write: see UPLOAD_CHUNK_HEADER
     for what follows on the connection."""
+
+    waits_for_agent = True  # for the agent to be ready: see ListFiles
 
     arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer()),
                  (b"path", amp.Unicode())]

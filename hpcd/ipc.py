@@ -13,7 +13,7 @@ from twisted.protocols import amp
 from hpc_agent import wire
 from djangoapp import protocol as commands
 from djangoapp.protocol import (AgentError, FileMissing, HpcdError, NotFound, PathRefused,
-                                SSHFailed)
+                                SSHFailed, Timeout)
 from hpcd import ssh
 
 log = Logger()
@@ -75,12 +75,22 @@ class ControlProtocol(amp.AMP):
     @_errors_as_hpcd_errors
     @defer.inlineCallbacks
     def list_files(self, cluster_id, job_id, path, recursive, with_mtime=None):
-        # The agent answers in pages that each fit in one frame.
+        # The agent answers in pages that each fit in one frame, all of them
+        # within one HPC_AGENT_REQUEST_TIMEOUT: Django waits that long and a
+        # margin (ListFiles.waits_for_agent), so a slow agent reaches it as
+        # this Timeout, not as an hpcd that did not answer.
         session = self.daemon.clusters.require_session(cluster_id)
         files, offset = [], 0
         extra = {"with_mtime": True} if with_mtime else {}
+        clock = self.daemon.reactor
+        timeout = float(self.daemon.settings.HPC_AGENT_REQUEST_TIMEOUT)
+        deadline = clock.seconds() + timeout
         while True:
-            result = yield session.request("list_files", job=job_id, path=path,
+            left = deadline - clock.seconds()
+            if left <= 0:
+                raise Timeout(f"the agent of cluster {cluster_id} did not list {path!r} "
+                              f"within {timeout:g} s (HPC_AGENT_REQUEST_TIMEOUT)")
+            result = yield session.request("list_files", timeout=left, job=job_id, path=path,
                                            recursive=recursive, offset=offset, **extra)
             files.extend(result["files"])
             if not result.get("truncated") or result.get("next") is None:

@@ -6,11 +6,13 @@ import datetime
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.test import iosim
 
 from djangoapp import protocol as commands
-from djangoapp.protocol import (AgentError, ClusterOffline, HpcdError, NotFound, PathRefused)
+from djangoapp.protocol import (AgentError, ClusterOffline, HpcdError, NotFound, PathRefused,
+                                Timeout)
 from fakes import mismatches
 from hpcd.agents import AgentSession
 from hpcd.clusters import ClusterManager
@@ -74,11 +76,17 @@ class FakeStore:
         return defer.succeed({41: 1}.get(token_id))
 
 
+class FakeSettings:
+    HPC_AGENT_REQUEST_TIMEOUT = 60.0
+
+
 class FakeDaemon:
     def __init__(self):
         self.clusters = FakeClusters()
         self.dispatcher = FakeDispatcher()
         self.store = FakeStore()
+        self.settings = FakeSettings()
+        self.reactor = Clock()
 
 
 def test_the_fakes_match_the_real_classes():
@@ -161,3 +169,25 @@ def test_send_message_goes_only_over_the_tokens_live_connection(call, daemon):
     assert session.sent == [{"type": "ack", "seqs": []}]
     with pytest.raises(NotFound, match="no live connection"):
         call(commands.SendMessage, token_id=99, message={"type": "ack", "seqs": []})
+
+
+def test_a_file_lists_pages_share_one_agent_deadline(call, daemon):
+    """Django waits HPC_AGENT_REQUEST_TIMEOUT and a margin for ListFiles
+    (issue 9, item 8): every page together gets that timeout, not each."""
+    session = daemon.clusters.sessions[1] = FakeSession(1)
+    clock, answers, timeouts = daemon.reactor, [], []
+
+    def request(mtype, timeout=None, **fields):
+        timeouts.append(timeout)
+        clock.advance(25)  # each page takes 25 s
+        return defer.succeed({"files": [[f"f{len(timeouts)}", False, 1]], "truncated": True,
+                              "next": len(timeouts)})
+
+    session.request = request
+    server = ControlProtocol(daemon)
+    server.list_files(cluster_id=1, job_id=5, path="/", recursive=True).addBoth(
+        answers.append)
+    (failure,) = answers
+    assert failure.check(Timeout)
+    assert "did not list '/' within 60 s" in failure.getErrorMessage()
+    assert timeouts == [60, 35, 10]
