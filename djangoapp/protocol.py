@@ -17,7 +17,7 @@ from twisted.protocols import amp
 __all__ = [
     # errors
     "HpcdError", "ClusterOffline", "NotFound", "PathRefused", "FileMissing", "AgentError",
-    "Timeout", "SSHFailed", "TooLarge", "ERROR_CLASSES",
+    "Timeout", "SSHFailed", "TooLarge", "BadRequest", "ERROR_CLASSES",
     # argument types, and the end of a streamed file
     "Bytes", "JSONValue", "TRAILER_OK", "TRAILER_SIZE", "UPLOAD_CHUNK_HEADER",
     # commands
@@ -67,6 +67,10 @@ class SSHFailed(HpcdError):
     """Logging in to the cluster or running a command there failed."""
 
 
+class BadRequest(HpcdError):
+    """A command's arguments could not be read (hpcd answers it without acting)."""
+
+
 _ERRORS = {
     ClusterOffline: b"CLUSTER_OFFLINE",
     NotFound: b"NOT_FOUND",
@@ -82,6 +86,9 @@ _ERRORS = {
 
 #: wire code -> exception class, for the client side.
 ERROR_CLASSES = {code: cls for cls, code in _ERRORS.items()}
+#: Answered by hpcd itself, before any responder, for arguments it cannot read.
+BAD_REQUEST = b"BAD_REQUEST"
+ERROR_CLASSES[BAD_REQUEST] = BadRequest
 
 
 class Bytes(amp.Argument):

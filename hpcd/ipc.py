@@ -42,10 +42,66 @@ def _errors_as_hpcd_errors(f):
     return wrapper
 
 
+#: The commands hpcd answers, by AMP name, to check arguments before a responder runs.
+_COMMANDS = {cls.commandName: cls for cls in vars(commands).values()
+             if isinstance(cls, type) and issubclass(cls, amp.Command)
+             and cls is not amp.Command and cls.__module__ == commands.__name__}
+
+#: Integers beyond this are no id or size of this project (and overflow the database).
+_INT_LIMIT = 2 ** 63
+
+
+def _argument_problem(command, box, proto):
+    """Why ``box`` is not a readable ``command``, or None."""
+    try:
+        arguments = command.parseArguments(box, proto)
+    except Exception as e:  # AMP's parsers raise anything (KeyError, ValueError, ...)
+        return f"{type(e).__name__}: {e}"[:300]
+    for name, value in arguments.items():
+        if (isinstance(value, int) and not isinstance(value, bool)
+                and not -_INT_LIMIT < value < _INT_LIMIT):
+            return f"{name} is out of range"
+    return None
+
+
 class ControlProtocol(amp.AMP):
+    """hpcd's side of the Unix socket.  Input it cannot read is answered, not
+    acted on and not logged with a traceback: unknown commands with AMP's
+    UNHANDLED, unreadable arguments with BAD_REQUEST (both keep the
+    connection), and boxes that are no question (hpcd asks Django nothing)
+    close the connection; each is one rate-limited warning."""
+
     def __init__(self, daemon):
         super().__init__()
         self.daemon = daemon
+
+    def locateResponder(self, name):
+        responder = super().locateResponder(name)
+        command = _COMMANDS.get(name)
+        if responder is None or command is None:
+            return responder
+
+        def checked(box):
+            problem = _argument_problem(command, box, self)
+            if problem is None:
+                return responder(box)
+            log.warn("refused a {command} request with unreadable arguments: {problem}",
+                     command=name.decode("ascii", "replace"), problem=problem)
+            return defer.fail(amp.RemoteAmpError(
+                commands.BAD_REQUEST, f"hpcd could not read the arguments of "
+                f"{name.decode('ascii', 'replace')}: {problem}"))
+
+        return checked
+
+    def ampBoxReceived(self, box):
+        # Django asks, with an _ask tag, and answers nothing.
+        if (amp.COMMAND not in box or amp.ASK not in box or amp.ANSWER in box
+                or amp.ERROR in box):
+            log.warn("closed a Unix socket connection that sent a box that is no "
+                     "question: {keys}", keys=sorted(k[:32] for k in box)[:8])
+            self.transport.loseConnection()
+            return
+        super().ampBoxReceived(box)
 
     @commands.IsClusterOnline.responder
     def is_cluster_online(self, cluster_id):

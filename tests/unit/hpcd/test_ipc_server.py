@@ -116,6 +116,7 @@ def call(daemon):
             result.raiseException()
         return result
 
+    call.client, call.pump = client, pump
     return call
 
 
@@ -191,3 +192,77 @@ def test_a_file_lists_pages_share_one_agent_deadline(call, daemon):
     assert failure.check(Timeout)
     assert "did not list '/' within 60 s" in failure.getErrorMessage()
     assert timeouts == [60, 35, 10]
+
+
+@pytest.fixture
+def failures():
+    """Log events carrying a traceback (log.failure) while the test runs."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+
+    def observe(event):
+        if "log_failure" in event:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def ask_raw(call, name, **strings):
+    """Send a command with raw string arguments, as a broken or hostile client would."""
+    client = call.client
+    results = []
+    client.callRemoteString(name, **strings).addBoth(results.append)
+    call.pump.flush()
+    (result,) = results
+    return result
+
+
+@pytest.mark.parametrize("name,strings", [
+    (b"ListFiles", {"cluster_id": b"one", "path": b"/", "recursive": b"True"}),
+    (b"ListFiles", {"path": b"/", "recursive": b"True"}),  # cluster_id missing
+    (b"ListFiles", {"cluster_id": b"1", "path": b"\xff\xfe", "recursive": b"True"}),
+    (b"ListFiles", {"cluster_id": b"1", "path": b"/", "recursive": b"maybe"}),
+    (b"IsClusterOnline", {"cluster_id": b"9" * 40}),  # beyond any database integer
+    (b"SendMessage", {"token_id": b"1", "message": b"2", "message.0": b"{", "message.1": b""}),
+    (b"SendMessage", {"token_id": b"1", "message": b"7"}),  # parts missing
+    (b"FetchFile", {"cluster_id": b"1", "path": b"/x", "offset": b"1.5"}),
+    (b"OpenShell", {"cluster_id": b"-" + b"9" * 30}),
+])
+def test_unreadable_arguments_get_bad_request_and_no_traceback(call, daemon, failures, name,
+                                                                strings):
+    daemon.clusters.sessions[1] = FakeSession(1, pages=[{"files": [], "truncated": False}])
+    result = ask_raw(call, name, **strings)
+    assert result.check(amp.RemoteAmpError)
+    assert result.value.errorCode == commands.BAD_REQUEST
+    assert "could not read the arguments of" in result.value.description
+    assert failures == []
+    # The connection still serves.
+    assert call(commands.IsClusterOnline, cluster_id=1)["token_id"] == 41
+
+
+def test_an_unknown_command_is_answered_unhandled_without_a_traceback(call, daemon, failures):
+    result = ask_raw(call, b"LaunchMissiles", target=b"moon")
+    assert result.check(amp.UnhandledCommand)
+    assert failures == []
+    assert call(commands.IsClusterOnline, cluster_id=7)["token_id"] == 0
+
+
+@pytest.mark.parametrize("box", [
+    {b"_answer": b"99", b"x": b"1"},  # an answer to a question hpcd never asked
+    {b"_error": b"99", b"_error_code": b"X", b"_error_description": b""},
+    {b"just": b"data"},
+    {b"_command": b"IsClusterOnline", b"cluster_id": b"1"},  # no _ask: no one to answer
+])
+def test_a_box_that_is_no_question_closes_the_connection_without_a_traceback(daemon,
+                                                                             failures, box):
+    from twisted.internet.testing import StringTransport
+
+    server = ControlProtocol(daemon)
+    transport = StringTransport()
+    server.makeConnection(transport)
+    server.dataReceived(amp.AmpBox(box).serialize())
+    assert transport.disconnecting
+    assert failures == []
