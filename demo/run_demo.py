@@ -17,7 +17,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,23 +35,15 @@ def say(text=""):
 
 def start_hpcd():
     """twistd hpcd in the background; returns when it says READY=1."""
-    notify_path = os.path.join(BASE, "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.settimeout(30)
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONPATH=HERE)
-    process = subprocess.Popen(
-        [twistd, "--nodaemon", "--pidfile=", f"--logfile={BASE}/hpcd.log", "hpcd",
-         "--settings", "settings"], cwd=HERE, env=env, stdout=subprocess.DEVNULL)
+    from hpcd import spawn
+
+    env = dict(os.environ, PYTHONPATH=HERE)
     try:
-        notify.recv(16)
-    except socket.timeout:
-        process.kill()
-        sys.exit(f"hpcd did not start; see {BASE}/hpcd.log")
-    finally:
-        notify.close()
-    return process
+        return spawn.start(
+            [spawn.twistd(), "--nodaemon", "--pidfile=", f"--logfile={BASE}/hpcd.log", "hpcd",
+             "--settings", "settings"], env=env, cwd=HERE, stdout=subprocess.DEVNULL)
+    except spawn.NotReady as e:
+        sys.exit(f"{e}; see {BASE}/hpcd.log")
 
 
 def main(argv=None):

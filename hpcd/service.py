@@ -193,7 +193,10 @@ class Daemon(service.MultiService):
     def _public_url(self, port):
         s = self.settings
         if s.HPC_WEBSOCKET_PUBLIC_URL:
-            return s.HPC_WEBSOCKET_PUBLIC_URL.rstrip("/")
+            # "{port}" stands for the port really listened on (an endpoint
+            # on port 0, or a socket handed over by systemd).
+            url = s.HPC_WEBSOCKET_PUBLIC_URL.replace("{port}", str(port.getHost().port))
+            return url.rstrip("/")
         host = s.HPC_WEBSOCKET_INTERFACE
         if host in ("", "0.0.0.0", "::"):
             host = socket.getfqdn()

@@ -18,6 +18,7 @@ import sys
 import time
 
 from hpc_agent.status import JobStatus
+from hpcd import spawn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -47,8 +48,12 @@ def database_environment():
 class Hpcd:
     """A real hpcd process."""
 
-    def __init__(self, workdir, extra_env=None, prefix=(), args=()):
+    def __init__(self, workdir, extra_env=None, prefix=(), args=(), websocket=None):
         self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", "A"]
+        # A listening socket (listening_socket()) handed to every start the
+        # way systemd's socket activation does: a restarted hpcd is on the
+        # same port, with no window in which another test can take it.
+        self.websocket = websocket
         self.args = list(args)  # after "hpcd", e.g. ["--log-format", "json"]
         self.workdir = str(workdir)
         self.socket_path = os.path.join(self.workdir, "hpcd.sock")
@@ -65,31 +70,38 @@ class Hpcd:
             "HPC_IPC_UNIX_SOCKET": self.socket_path,
             "HPC_WEBSOCKET_PORT": "0",
         })
+        if self.websocket is not None:
+            env.update({"HPC_WEBSOCKET_ENDPOINT": "systemd:domain=INET:name=websocket",
+                        "LISTEN_FDS": "1", "LISTEN_FDNAMES": "websocket"})
         env.update(self.extra_env)
         return env
 
+    @property
+    def port(self):
+        """The websocket's port, when hpcd was given its socket."""
+        return self.websocket.getsockname()[1]
+
     def start(self, timeout=30.0):
-        notify_path = os.path.join(self.workdir, f"notify-{time.monotonic_ns()}.sock")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        notify.settimeout(timeout)
         env = self.environment()
-        env["NOTIFY_SOCKET"] = notify_path
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        self.process = subprocess.Popen(
-            [*self.prefix, twistd, "--nodaemon", "--pidfile=", f"--logfile={self.log_path}",
-             "hpcd", *self.args],
-            env=env, cwd=self.workdir, stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(self.workdir, "hpcd.stderr"), "ab"))
+        command = [spawn.twistd(), "--nodaemon", "--pidfile=", f"--logfile={self.log_path}",
+                   "hpcd", *self.args]
+        passed, preexec = (), None
+        if self.websocket is not None:
+            # systemd's protocol: the sockets from fd 3 on, LISTEN_PID naming
+            # the process meant (the shell's pid, which exec keeps).
+            command = ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *command]
+            fd = self.websocket.fileno()
+            passed = (3,)
+            preexec = lambda: os.dup2(fd, 3)  # noqa: E731
         try:
-            message = notify.recv(64)
-        except socket.timeout:
-            self.stop()
-            raise AssertionError(f"hpcd did not become ready; log:\n{self.log()}") from None
-        finally:
-            notify.close()
-            os.unlink(notify_path)
-        assert message == b"READY=1", message
+            self.process = spawn.start(
+                [*self.prefix, *command], env=env, timeout=timeout, cwd=self.workdir,
+                stdout=subprocess.DEVNULL,
+                stderr=open(os.path.join(self.workdir, "hpcd.stderr"), "ab"),
+                pass_fds=passed, preexec_fn=preexec)
+        except spawn.NotReady as e:
+            self.process = None
+            raise AssertionError(f"{e}; log:\n{self.log()}") from None
         return self
 
     def stop(self, sig=signal.SIGTERM):
@@ -252,7 +264,17 @@ class RawWebsocket:
         self.sock.close()
 
 
+def listening_socket(host="127.0.0.1"):
+    """A TCP socket listening on a port the kernel chose, for Hpcd(websocket=...)."""
+    s = socket.socket()
+    s.bind((host, 0))
+    s.listen(128)
+    return s
+
+
 def free_port():
+    """A port free now, for servers that cannot be handed a socket (PostgreSQL,
+    Django's runserver); hpcd gets listening_socket() or port 0 instead."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

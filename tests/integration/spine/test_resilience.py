@@ -6,18 +6,20 @@ import signal
 import pytest
 
 from djangoapp.models import HpcCluster, HpcJob, JobStatus
-from harness import FINAL, Hpcd, agent_pid, free_port, job_dir, wait_for, wait_status
+from harness import (FINAL, Hpcd, agent_pid, job_dir, listening_socket, wait_for,
+                     wait_status)
 
 
 @pytest.fixture
 def restartable(transactional_db, short_tmp, settings):
-    """An hpcd on a fixed port, so a restarted one is where agents expect it."""
+    """An hpcd handed one listening socket, so a restarted one is where agents expect it."""
     # The grace outlasts the agent's longest reconnect pause (8 s + 1 s jitter) with room.
-    env = {"HPC_WEBSOCKET_PORT": str(free_port()), "HPC_AGENT_RESUME_GRACE_SECONDS": "20"}
-    daemon = Hpcd(short_tmp, extra_env=env)
-    settings.HPC_IPC_UNIX_SOCKET = daemon.socket_path
-    yield daemon
-    daemon.stop()
+    env = {"HPC_AGENT_RESUME_GRACE_SECONDS": "20"}
+    with listening_socket() as sock:
+        daemon = Hpcd(short_tmp, extra_env=env, websocket=sock)
+        settings.HPC_IPC_UNIX_SOCKET = daemon.socket_path
+        yield daemon
+        daemon.stop()
 
 
 def connected_cluster(agent_dir):

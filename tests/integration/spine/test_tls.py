@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from djangoapp.models import HpcCluster, HpcJob, JobStatus
-from harness import FINAL, Hpcd, free_port, wait_for, wait_status
+from harness import FINAL, Hpcd, wait_for, wait_status
 
 
 def self_signed(directory, name="localhost"):
@@ -37,11 +37,10 @@ def self_signed(directory, name="localhost"):
 def test_agents_connect_over_wss_only_to_a_certificate_they_trust(
         transactional_db, short_tmp, settings, agent_dir):
     key, cert = self_signed(short_tmp)
-    port = free_port()
     daemon = Hpcd(short_tmp, extra_env={
-        "HPC_WEBSOCKET_ENDPOINT": f"ssl:{port}:interface=127.0.0.1:privateKey={key}:"
+        "HPC_WEBSOCKET_ENDPOINT": f"ssl:0:interface=127.0.0.1:privateKey={key}:"
                                   f"certKey={cert}",
-        "HPC_WEBSOCKET_PUBLIC_URL": f"wss://localhost:{port}",
+        "HPC_WEBSOCKET_PUBLIC_URL": "wss://localhost:{port}",
         "HPC_AGENT_CONNECT_TIMEOUT": "5"})
     settings.HPC_IPC_UNIX_SOCKET = daemon.socket_path
     daemon.start()
