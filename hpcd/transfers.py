@@ -376,6 +376,10 @@ class Transfers:
             raise Timeout(f"the agent of cluster {session.cluster_id} did not start sending "
                           f"{path!r} within {timeout:g} s") from None
         except HpcdError:
+            # The agent refused before any header: nothing waits on it, so
+            # its failure is consumed here, not left to the garbage collector
+            # ("Unhandled error in Deferred", with a traceback, per refusal).
+            transfer.header.addErrback(lambda _: None)
             transfer.fail("refused")
             raise
         finally:

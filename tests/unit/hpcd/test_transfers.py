@@ -162,3 +162,46 @@ def test_a_header_consistent_with_the_range_is_taken():
                           mtime=1.7e9), False)
     assert headers == [(4, "out.txt")]
     assert (t.total_size, t.mtime) == (6, 1.7e9)
+
+
+def test_a_fetch_the_agent_refuses_leaves_no_unhandled_error_behind():
+    """Each refused fetch (a FIFO, a path outside) logged a critical
+    "Unhandled error in Deferred" with a traceback when the transfer's header
+    Deferred was collected."""
+    import gc
+
+    from twisted.internet import defer
+    from twisted.logger import globalLogPublisher
+
+    from djangoapp.protocol import PathRefused
+    from hpcd.transfers import Transfers
+
+    class Daemon:
+        reactor = Clock()
+
+        class settings:
+            HPC_TOKEN_TTL_SECONDS = 60
+            HPC_AGENT_REQUEST_TIMEOUT = 30
+
+        class store:
+            @staticmethod
+            def issue_token(cluster_id, purpose, ttl):
+                return defer.succeed((5, "secret"))
+
+    class Session:
+        cluster_id = 1
+
+        def request(self, mtype, **fields):
+            return defer.fail(PathRefused("not a regular file"))
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        results = []
+        Transfers(Daemon()).fetch(Session(), 3, "pipe").addBoth(results.append)
+        assert results[0].check(PathRefused)
+        del results
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if "log_failure" in e] == []
