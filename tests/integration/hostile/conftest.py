@@ -1,0 +1,26 @@
+"""The hostile-input suite (issue 9): each test feeds hpcd or the agent input
+no honest peer sends, and then a normal job must still run through on a real
+agent, with hpcd alive and no traceback in its log.
+
+The hand-driven agent and its cluster are the spine security tests' own
+fixtures (tests/integration/spine/test_security.py), imported, not copied.
+"""
+
+import pytest
+
+from djangoapp.models import HpcJob, JobStatus
+from harness import FINAL, wait_status
+from integration.spine.test_security import cluster, hello, port, raw_agent  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def still_serves(hpcd, local_cluster):
+    """After the test: hpcd is alive, a normal job completes, and hpcd logged
+    no traceback (one per input would flood its log)."""
+    yield local_cluster
+    assert hpcd.process.poll() is None, "hpcd died"
+    job = HpcJob.objects.create(cluster=local_cluster)
+    job.submit({"script": "echo still here > ok.txt"})
+    wait_status(job, FINAL, timeout=30)
+    assert job.status == JobStatus.COMPLETED, job.job_details
+    assert "Traceback" not in hpcd.log(), hpcd.log()[-4000:]
