@@ -262,18 +262,27 @@ def open_stream(command, /, **arguments):
     if not isinstance(response.get("size"), int) or response["size"] < 0:
         connection.close()
         raise HpcdError(f"hpcd announced an impossible size ({response.get('size')!r})")
-    connection.sock.settimeout(_timeout())  # the bytes: hpcd's own pace, not the agent's
     chunk_size = int(hpc_settings.HPC_FILE_CONNECTION_CHUNK_SIZE)
     meter = _RateMeter(float(hpc_settings.HPC_FILE_MIN_BYTES_PER_SECOND))
+    # The bytes come at hpcd's pace, not the agent's.  With a minimum rate, a
+    # silence is judged after one of the meter's windows, like a trickle, not
+    # after HPC_IPC_TIMEOUT (a stalled agent would hold the worker that long).
+    connection.sock.settimeout(min(_timeout(), meter.WINDOW) if meter.judges else _timeout())
 
     def read(limit):
-        started = time.monotonic()
-        try:
-            data = connection.read_raw(limit)
-        except (socket.timeout, OSError) as e:
-            raise HpcdError(f"file transfer failed: {e}") from None
-        meter.add(len(data), time.monotonic() - started)
-        return data
+        while True:
+            started = time.monotonic()
+            try:
+                data = connection.read_raw(limit)
+            except socket.timeout as e:
+                if not meter.judges:
+                    raise HpcdError(f"file transfer failed: {e}") from None
+                meter.add(0, time.monotonic() - started)  # raises once too slow
+                continue
+            except OSError as e:
+                raise HpcdError(f"file transfer failed: {e}") from None
+            meter.add(len(data), time.monotonic() - started)
+            return data
 
     def chunks():
         remaining = response["size"]
@@ -309,6 +318,7 @@ class _RateMeter:
         self._minimum = minimum
         self._waited = 0.0
         self._got = 0
+        self.judges = minimum > 0  # 0 turns the check off
 
     def add(self, nbytes, waited):
         self._waited += waited
