@@ -2,11 +2,13 @@
 directory swapped for a symlink while files are fetched, names with newlines
 (issue 9, items 2, 3 and 10).  A real agent serves every request."""
 
+import os
+
 import pytest
 
 from djangoapp import models
 from djangoapp.models import HpcJob, JobStatus
-from harness import FINAL, wait_status
+from harness import FINAL, job_dir, wait_status
 from hpcd.commands import PathRefused
 
 
@@ -23,11 +25,15 @@ def content(response):
 
 
 def test_fifos_are_refused_at_once_and_never_block_the_agent(still_serves):
-    job = finished_job(still_serves, "mkfifo pipe && echo hi > out.txt")
+    job = finished_job(still_serves, "mkfifo pipe && echo hi > out.txt && "
+                                     "{ mknod zero c 1 5 2>/dev/null || true; }")
     # More fetches than the agent has file workers: each would hold one for good.
     for _ in range(6):
         with pytest.raises(PathRefused):
             job.fetch_remote_file("pipe")
+    if os.path.exists(os.path.join(job_dir(still_serves, job), "zero")):  # made as root
+        with pytest.raises(PathRefused):
+            job.fetch_remote_file("zero")  # a device: endless bytes
     assert "pipe" not in {f["path"] for f in job.fetch_remote_file_list("/", True)}
     assert content(job.fetch_remote_file("out.txt")) == b"hi\n"
 
@@ -97,3 +103,20 @@ def test_huge_parameters_are_refused_at_submit(still_serves):
         job.submit({"script": "true", "blob": "x" * (wire.MAX_CONTROL_MESSAGE + 1)})
     job.refresh_from_db()
     assert job.status == JobStatus.DRAFT
+
+
+def test_a_job_that_forges_its_result_record_fails_alone(still_serves):
+    """A job writes a nonsense result record (signal 999) where its runner
+    keeps it and kills the runner, so the agent reads the forgery (issue 9
+    item 7): that job ends in ERROR saying why, and the others' polls go on."""
+    bystander = HpcJob.objects.create(cluster=still_serves)
+    bystander.submit({"script": "sleep 2; echo fine > out.txt"})
+    job = HpcJob.objects.create(cluster=still_serves)
+    job.submit({"script": "c=$(ls -d ../../control/*/ | grep \"/$(basename \"$PWD\")/$\"); "
+                          "echo '{\"exit_code\": null, \"signal\": 999, \"stopped\": null, "
+                          "\"started\": 1.0}' > \"$c/result.json\"; kill -9 $PPID; sleep 5"})
+    wait_status(job, FINAL, timeout=30)
+    assert job.status == JobStatus.ERROR
+    assert "result record is invalid" in job.job_details, job.job_details
+    wait_status(bystander, FINAL, timeout=30)
+    assert bystander.status == JobStatus.COMPLETED, bystander.job_details
