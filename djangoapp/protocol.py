@@ -17,13 +17,15 @@ from twisted.protocols import amp
 __all__ = [
     # errors
     "HpcdError", "ClusterOffline", "NotFound", "PathRefused", "FileMissing", "AgentError",
-    "Timeout", "SSHFailed", "TooLarge", "BadRequest", "ERROR_CLASSES",
+    "Timeout", "SSHFailed", "TooLarge", "ERROR_CLASSES",
     # argument types, and the end of a streamed file
     "Bytes", "JSONValue", "TRAILER_OK", "TRAILER_SIZE", "UPLOAD_CHUNK_HEADER",
     # commands
     "IsClusterOnline", "TryConnect", "Dispatch", "ListFiles", "FetchFile", "SendMessage",
     "ScanHostKeys", "OpenShell", "RunCommand", "CloseShell", "Status", "FileChecksum",
     "UploadFile",
+    # hpcd's answer to arguments it cannot read
+    "BadRequest", "BAD_REQUEST",
 ]
 
 
@@ -67,10 +69,6 @@ class SSHFailed(HpcdError):
     """Logging in to the cluster or running a command there failed."""
 
 
-class BadRequest(HpcdError):
-    """A command's arguments could not be read (hpcd answers it without acting)."""
-
-
 _ERRORS = {
     ClusterOffline: b"CLUSTER_OFFLINE",
     NotFound: b"NOT_FOUND",
@@ -86,9 +84,6 @@ _ERRORS = {
 
 #: wire code -> exception class, for the client side.
 ERROR_CLASSES = {code: cls for cls, code in _ERRORS.items()}
-#: Answered by hpcd itself, before any responder, for arguments it cannot read.
-BAD_REQUEST = b"BAD_REQUEST"
-ERROR_CLASSES[BAD_REQUEST] = BadRequest
 
 
 class Bytes(amp.Argument):
@@ -326,3 +321,14 @@ class UploadFile(amp.ProtocolSwitchCommand):
                  (b"path", amp.Unicode())]
     response = []
     errors = _UPLOAD_ERRORS
+
+
+# -- unreadable input (issue 9) -------------------------------------------------------
+
+class BadRequest(HpcdError):
+    """A command's arguments could not be read; hpcd answered without acting."""
+
+
+#: Answered by hpcd itself, before any responder runs, for arguments it cannot read.
+BAD_REQUEST = b"BAD_REQUEST"
+ERROR_CLASSES[BAD_REQUEST] = BadRequest
