@@ -6,6 +6,8 @@ The hand-driven agent and its cluster are the spine security tests' own
 fixtures (tests/integration/spine/test_security.py), imported, not copied.
 """
 
+import os
+
 import pytest
 
 from djangoapp.models import HpcJob, JobStatus
@@ -15,8 +17,8 @@ from integration.spine.test_security import cluster, hello, port, raw_agent  # n
 
 @pytest.fixture(autouse=True)
 def still_serves(hpcd, local_cluster):
-    """After the test: hpcd is alive, a normal job completes, and hpcd logged
-    no traceback (one per input would flood its log)."""
+    """After the test: hpcd is alive, a normal job completes, and neither hpcd
+    nor the real agent logged a traceback (one per input would flood a log)."""
     yield local_cluster
     assert hpcd.process.poll() is None, "hpcd died"
     job = HpcJob.objects.create(cluster=local_cluster)
@@ -24,3 +26,14 @@ def still_serves(hpcd, local_cluster):
     wait_status(job, FINAL, timeout=30)
     assert job.status == JobStatus.COMPLETED, job.job_details
     assert "Traceback" not in hpcd.log(), hpcd.log()[-4000:]
+    agent_log = _read(os.path.join(local_cluster.client_path, "log", "agent.log"))
+    assert agent_log, "no agent log to check"
+    assert "Traceback" not in agent_log, agent_log[-4000:]
+
+
+def _read(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
