@@ -31,8 +31,13 @@ def _errors_as_hpcd_errors(f):
                 raise PathRefused(str(failure.value))
             if failure.check(AgentError) and failure.value.code == "not_found":
                 raise FileMissing(str(failure.value))
-            if failure.check(HpcdError):
+            if failure.check(HpcdError, amp.RemoteAmpError):  # the latter: _bad_request
                 return failure
+            if failure.check(wire.ProtocolError):
+                # Arguments AMP could read but the agent's protocol cannot
+                # carry (a negative offset): the caller's mistake, not hpcd's.
+                raise _bad_request(f"not a request the agent can be sent: "
+                                   f"{failure.value.message}")
             log.failure("{command} failed", failure, command=f.__name__)
             raise HpcdError(f"hpcd failed: {failure.getErrorMessage()}")
 
@@ -49,6 +54,13 @@ _COMMANDS = {cls.commandName: cls for cls in vars(commands).values()
 
 #: Integers beyond this are no id or size of this project (and overflow the database).
 _INT_LIMIT = 2 ** 63
+
+
+def _bad_request(message):
+    """The error Django receives as BadRequest.  Raised as AMP's own
+    RemoteAmpError, since a command's ``errors`` would turn a BadRequest
+    into its base class, HpcdError."""
+    return amp.RemoteAmpError(commands.BAD_REQUEST, message)
 
 
 def _argument_problem(command, box, proto):
@@ -87,9 +99,8 @@ class ControlProtocol(amp.AMP):
                 return responder(box)
             log.warn("refused a {command} request with unreadable arguments: {problem}",
                      command=name.decode("ascii", "replace"), problem=problem)
-            return defer.fail(amp.RemoteAmpError(
-                commands.BAD_REQUEST, f"hpcd could not read the arguments of "
-                f"{name.decode('ascii', 'replace')}: {problem}"))
+            return defer.fail(_bad_request(f"hpcd could not read the arguments of "
+                                           f"{name.decode('ascii', 'replace')}: {problem}"))
 
         return checked
 
@@ -171,6 +182,8 @@ class ControlProtocol(amp.AMP):
     @_errors_as_hpcd_errors
     @defer.inlineCallbacks
     def send_message(self, token_id, message):
+        if not isinstance(message, dict):
+            raise _bad_request("a message is a JSON object with a 'type'")
         cluster_id = yield self.daemon.store.token_cluster(token_id)
         session = self.daemon.clusters.session(cluster_id) if cluster_id else None
         if session is None or session.token_id != token_id:

@@ -266,3 +266,26 @@ def test_a_box_that_is_no_question_closes_the_connection_without_a_traceback(dae
     server.dataReceived(amp.AmpBox(box).serialize())
     assert transport.disconnecting
     assert failures == []
+
+
+def test_arguments_the_agents_protocol_cannot_carry_are_a_bad_request(call, daemon,
+                                                                      failures):
+    """A negative offset, say: AMP reads it, the wire refuses to encode it.
+    That was "hpcd failed" with a traceback in hpcd's log per request."""
+    from hpc_agent import wire
+
+    def request(mtype, timeout=None, **fields):
+        raise wire.ProtocolError("bad_frame", "'offset' must be a count, got -5")
+
+    session = daemon.clusters.sessions[1] = FakeSession(1)
+    session.request = request
+    # As Django's client sees it: the wire's error code (ipc.ERROR_CLASSES).
+    result = ask_raw(call, b"ListFiles", cluster_id=b"1", job_id=b"5", path=b"/",
+                     recursive=b"False")
+    assert result.value.errorCode == commands.BAD_REQUEST
+    assert "offset" in result.value.description
+    result = ask_raw(call, b"SendMessage", token_id=b"41", message=b"1",
+                     **{"message.0": b"[1, 2]"})
+    assert result.value.errorCode == commands.BAD_REQUEST
+    assert "JSON object" in result.value.description
+    assert failures == []
