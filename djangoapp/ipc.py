@@ -173,17 +173,31 @@ def _ask(connection, command, arguments):
     return command.parseResponse(answer, None)
 
 
-def _timeout():
-    return float(hpc_settings.HPC_IPC_TIMEOUT)
+#: How much longer than hpcd's wait for an agent (HPC_AGENT_REQUEST_TIMEOUT)
+#: Django waits for hpcd on a command marked ``waits_for_agent``: hpcd's own
+#: Timeout ("the agent of cluster 3 did not answer ... within 60 s") then
+#: arrives first, instead of "hpcd did not answer".
+AGENT_MARGIN_SECONDS = 10.0
+
+
+def _timeout(command=None):
+    """Seconds to wait for hpcd's answer to ``command``: HPC_IPC_TIMEOUT, or,
+    for a command that waits for the agent, longer than hpcd waits for it."""
+    timeout = float(hpc_settings.HPC_IPC_TIMEOUT)
+    if getattr(command, "waits_for_agent", False):
+        timeout = max(timeout, float(hpc_settings.HPC_AGENT_REQUEST_TIMEOUT)
+                      + AGENT_MARGIN_SECONDS)
+    return timeout
 
 
 def call(command, /, timeout=None, **arguments):
     """Send one command and return its response as a dict.
 
     ``timeout`` (seconds) replaces ``HPC_IPC_TIMEOUT`` for this call, for
-    commands that are slow by nature.  A dead cached connection (hpcd
-    restarted) is replaced once.  A command whose answer was lost mid-way is
-    not repeated: it may have been acted on.
+    commands that are slow by nature; without it, a command that waits for
+    the agent gets longer than hpcd waits (:data:`AGENT_MARGIN_SECONDS`).  A
+    dead cached connection (hpcd restarted) is replaced once.  A command whose
+    answer was lost mid-way is not repeated: it may have been acted on.
     """
     path = socket_path()
     connection = getattr(_local, "connection", None)
@@ -193,12 +207,13 @@ def call(command, /, timeout=None, **arguments):
         # pre-forking server): the parent's socket must not be shared.
         connection.close()
         connection = None
+    timeout = timeout or _timeout(command)
     for attempt in (1, 2):
         if connection is None:
             connection = _Connection(path, _timeout())
             _local.connection, _local.path = connection, path
         try:
-            connection.sock.settimeout(timeout or _timeout())
+            connection.sock.settimeout(timeout)
             return _ask(connection, command, arguments)
         except HpcdUnavailable:
             connection.close()
@@ -216,8 +231,7 @@ def call(command, /, timeout=None, **arguments):
         except socket.timeout:
             connection.close()
             _local.connection = None
-            raise HpcdUnavailable(
-                f"hpcd did not answer within {timeout or _timeout():g} s") from None
+            raise HpcdUnavailable(f"hpcd did not answer within {timeout:g} s") from None
         except OSError as e:
             connection.close()
             _local.connection = None
@@ -237,6 +251,7 @@ def open_stream(command, /, **arguments):
     """
     connection = _Connection(socket_path(), _timeout())
     try:
+        connection.sock.settimeout(_timeout(command))
         response = _ask(connection, command, arguments)
     except HpcdError:
         connection.close()
@@ -249,15 +264,25 @@ def open_stream(command, /, **arguments):
         raise HpcdError(f"hpcd announced an impossible size ({response.get('size')!r})")
     chunk_size = int(hpc_settings.HPC_FILE_CONNECTION_CHUNK_SIZE)
     meter = _RateMeter(float(hpc_settings.HPC_FILE_MIN_BYTES_PER_SECOND))
+    # The bytes come at hpcd's pace, not the agent's.  With a minimum rate, a
+    # silence is judged after one of the meter's windows, like a trickle, not
+    # after HPC_IPC_TIMEOUT (a stalled agent would hold the worker that long).
+    connection.sock.settimeout(min(_timeout(), meter.WINDOW) if meter.judges else _timeout())
 
     def read(limit):
-        started = time.monotonic()
-        try:
-            data = connection.read_raw(limit)
-        except (socket.timeout, OSError) as e:
-            raise HpcdError(f"file transfer failed: {e}") from None
-        meter.add(len(data), time.monotonic() - started)
-        return data
+        while True:
+            started = time.monotonic()
+            try:
+                data = connection.read_raw(limit)
+            except socket.timeout as e:
+                if not meter.judges:
+                    raise HpcdError(f"file transfer failed: {e}") from None
+                meter.add(0, time.monotonic() - started)  # raises once too slow
+                continue
+            except OSError as e:
+                raise HpcdError(f"file transfer failed: {e}") from None
+            meter.add(len(data), time.monotonic() - started)
+            return data
 
     def chunks():
         remaining = response["size"]
@@ -293,6 +318,7 @@ class _RateMeter:
         self._minimum = minimum
         self._waited = 0.0
         self._got = 0
+        self.judges = minimum > 0  # 0 turns the check off
 
     def add(self, nbytes, waited):
         self._waited += waited
@@ -319,8 +345,9 @@ def send_stream(command, fileobj, /, limit=None, timeout=None, **arguments):
     each step (``HPC_IPC_TIMEOUT`` by default).
     """
     header = struct.Struct(UPLOAD_CHUNK_HEADER)
-    connection = _Connection(socket_path(), timeout or _timeout())
+    connection = _Connection(socket_path(), _timeout())
     try:
+        connection.sock.settimeout(timeout or _timeout(command))
         _ask(connection, command, arguments)
     except HpcdError:
         connection.close()

@@ -26,6 +26,8 @@ __all__ = [
     "IsClusterOnline", "TryConnect", "Dispatch", "ListFiles", "FetchFile", "SendMessage",
     "ScanHostKeys", "OpenShell", "RunCommand", "CloseShell", "Status", "FileChecksum",
     "UploadFile",
+    # hpcd's answer to arguments it cannot read
+    "BadRequest", "BAD_REQUEST",
 ]
 
 
@@ -192,6 +194,11 @@ class ListFiles(amp.Command):
     """``[[path, is_dir, size], ...]`` from the agent; with ``with_mtime``
     each entry has the file's mtime as a fourth element."""
 
+    #: hpcd waits up to HPC_AGENT_REQUEST_TIMEOUT for the agent before it
+    #: answers: Django's client waits longer (see djangoapp.ipc), so that an
+    #: agent's timeout reaches it as hpcd's Timeout, not as its own.
+    waits_for_agent = True
+
     arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer(optional=True)),
                  (b"path", amp.Unicode()), (b"recursive", amp.Boolean()),
                  (b"with_mtime", amp.Boolean(optional=True))]
@@ -214,6 +221,8 @@ class FetchFile(amp.ProtocolSwitchCommand):
     range (the agent seeks: nothing before it is sent); ``size`` is then the
     range's, ``total_size`` the whole file's, and ``mtime`` its modification
     time (both absent from an hpcd or agent that predates them)."""
+
+    waits_for_agent = True  # for the agent's header: see ListFiles
 
     arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer(optional=True)),
                  (b"path", amp.Unicode()), (b"extra_params", JSONValue(optional=True)),
@@ -325,7 +334,20 @@ class UploadFile(amp.ProtocolSwitchCommand):
     it).  Answered once the agent is ready to write: see UPLOAD_CHUNK_HEADER
     for what follows on the connection."""
 
+    waits_for_agent = True  # for the agent to be ready: see ListFiles
+
     arguments = [(b"cluster_id", amp.Integer()), (b"job_id", amp.Integer()),
                  (b"path", amp.Unicode())]
     response = []
     errors = _UPLOAD_ERRORS
+
+
+# -- unreadable input (issue 9) -------------------------------------------------------
+
+class BadRequest(HpcdError):
+    """A command's arguments could not be read; hpcd answered without acting."""
+
+
+#: Answered by hpcd itself, before any responder runs, for arguments it cannot read.
+BAD_REQUEST = b"BAD_REQUEST"
+ERROR_CLASSES[BAD_REQUEST] = BadRequest

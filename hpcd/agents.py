@@ -123,6 +123,13 @@ class AgentServerProtocol(WebSocketServerProtocol):
         d = self.factory.daemon.store.check_token(secret, purposes)
 
         def check(claim):
+            if self.state == self.STATE_CLOSED:
+                # The agent left, or the handshake timed out, while the token
+                # was checked.  Autobahn would complete the handshake on the
+                # dead connection, and its ping timeout would later fail
+                # inside txaio's timer bucket (a critical "Error(s) processing
+                # call_later bucket").  Refusing it drops nothing: it is closed.
+                raise ConnectionDeny(400, "the connection closed during the token check")
             if claim is None:
                 raise self._refused(403, "invalid, used or expired token")
             self._secret, self._purposes = secret, purposes

@@ -13,7 +13,7 @@ from twisted.protocols import amp
 from hpc_agent import wire
 from djangoapp import protocol as commands
 from djangoapp.protocol import (AgentError, FileMissing, HpcdError, NotFound, PathRefused,
-                                SSHFailed)
+                                SSHFailed, Timeout)
 from hpcd import ssh
 
 log = Logger()
@@ -31,8 +31,13 @@ def _errors_as_hpcd_errors(f):
                 raise PathRefused(str(failure.value))
             if failure.check(AgentError) and failure.value.code == "not_found":
                 raise FileMissing(str(failure.value))
-            if failure.check(HpcdError):
+            if failure.check(HpcdError, amp.RemoteAmpError):  # the latter: _bad_request
                 return failure
+            if failure.check(wire.ProtocolError):
+                # Arguments AMP could read but the agent's protocol cannot
+                # carry (a negative offset): the caller's mistake, not hpcd's.
+                raise _bad_request(f"not a request the agent can be sent: "
+                                   f"{failure.value.message}")
             log.failure("{command} failed", failure, command=f.__name__)
             raise HpcdError(f"hpcd failed: {failure.getErrorMessage()}")
 
@@ -42,10 +47,72 @@ def _errors_as_hpcd_errors(f):
     return wrapper
 
 
+#: The commands hpcd answers, by AMP name, to check arguments before a responder runs.
+_COMMANDS = {cls.commandName: cls for cls in vars(commands).values()
+             if isinstance(cls, type) and issubclass(cls, amp.Command)
+             and cls is not amp.Command and cls.__module__ == commands.__name__}
+
+#: Integers beyond this are no id or size of this project (and overflow the database).
+_INT_LIMIT = 2 ** 63
+
+
+def _bad_request(message):
+    """The error Django receives as BadRequest.  Raised as AMP's own
+    RemoteAmpError, since a command's ``errors`` would turn a BadRequest
+    into its base class, HpcdError."""
+    return amp.RemoteAmpError(commands.BAD_REQUEST, message)
+
+
+def _argument_problem(command, box, proto):
+    """Why ``box`` is not a readable ``command``, or None."""
+    try:
+        arguments = command.parseArguments(box, proto)
+    except Exception as e:  # AMP's parsers raise anything (KeyError, ValueError, ...)
+        return f"{type(e).__name__}: {e}"[:300]
+    for name, value in arguments.items():
+        if (isinstance(value, int) and not isinstance(value, bool)
+                and not -_INT_LIMIT < value < _INT_LIMIT):
+            return f"{name} is out of range"
+    return None
+
+
 class ControlProtocol(amp.AMP):
+    """hpcd's side of the Unix socket.  Input it cannot read is answered, not
+    acted on and not logged with a traceback: unknown commands with AMP's
+    UNHANDLED, unreadable arguments with BAD_REQUEST (both keep the
+    connection), and boxes that are no question (hpcd asks Django nothing)
+    close the connection; each is one rate-limited warning."""
+
     def __init__(self, daemon):
         super().__init__()
         self.daemon = daemon
+
+    def locateResponder(self, name):
+        responder = super().locateResponder(name)
+        command = _COMMANDS.get(name)
+        if responder is None or command is None:
+            return responder
+
+        def checked(box):
+            problem = _argument_problem(command, box, self)
+            if problem is None:
+                return responder(box)
+            log.warn("refused a {command} request with unreadable arguments: {problem}",
+                     command=name.decode("ascii", "replace"), problem=problem)
+            return defer.fail(_bad_request(f"hpcd could not read the arguments of "
+                                           f"{name.decode('ascii', 'replace')}: {problem}"))
+
+        return checked
+
+    def ampBoxReceived(self, box):
+        # Django asks, with an _ask tag, and answers nothing.
+        if (amp.COMMAND not in box or amp.ASK not in box or amp.ANSWER in box
+                or amp.ERROR in box):
+            log.warn("closed a Unix socket connection that sent a box that is no "
+                     "question: {keys}", keys=sorted(k[:32] for k in box)[:8])
+            self.transport.loseConnection()
+            return
+        super().ampBoxReceived(box)
 
     @commands.IsClusterOnline.responder
     def is_cluster_online(self, cluster_id):
@@ -75,12 +142,22 @@ class ControlProtocol(amp.AMP):
     @_errors_as_hpcd_errors
     @defer.inlineCallbacks
     def list_files(self, cluster_id, job_id, path, recursive, with_mtime=None):
-        # The agent answers in pages that each fit in one frame.
+        # The agent answers in pages that each fit in one frame, all of them
+        # within one HPC_AGENT_REQUEST_TIMEOUT: Django waits that long and a
+        # margin (ListFiles.waits_for_agent), so a slow agent reaches it as
+        # this Timeout, not as an hpcd that did not answer.
         session = self.daemon.clusters.require_session(cluster_id)
         files, offset = [], 0
         extra = {"with_mtime": True} if with_mtime else {}
+        clock = self.daemon.reactor
+        timeout = float(self.daemon.settings.HPC_AGENT_REQUEST_TIMEOUT)
+        deadline = clock.seconds() + timeout
         while True:
-            result = yield session.request("list_files", job=job_id, path=path,
+            left = deadline - clock.seconds()
+            if left <= 0:
+                raise Timeout(f"the agent of cluster {cluster_id} did not list {path!r} "
+                              f"within {timeout:g} s (HPC_AGENT_REQUEST_TIMEOUT)")
+            result = yield session.request("list_files", timeout=left, job=job_id, path=path,
                                            recursive=recursive, offset=offset, **extra)
             files.extend(result["files"])
             if not result.get("truncated") or result.get("next") is None:
@@ -105,6 +182,8 @@ class ControlProtocol(amp.AMP):
     @_errors_as_hpcd_errors
     @defer.inlineCallbacks
     def send_message(self, token_id, message):
+        if not isinstance(message, dict):
+            raise _bad_request("a message is a JSON object with a 'type'")
         cluster_id = yield self.daemon.store.token_cluster(token_id)
         session = self.daemon.clusters.session(cluster_id) if cluster_id else None
         if session is None or session.token_id != token_id:

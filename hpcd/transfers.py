@@ -73,8 +73,9 @@ class Transfer:
 
     _machine = MethodicalMachine()
 
-    def __init__(self, token_id, reactor, timeout, on_done=None):
+    def __init__(self, token_id, reactor, timeout, on_done=None, offset=0, length=None):
         self.token_id = token_id
+        self.offset, self.length = offset or 0, length  # the range asked for
         self.on_done = on_done  # called once, with the outcome, when it ends
         self.cluster_id = self.job_id = self.path = self.started = None  # for hpc_status
         self.header = defer.Deferred()  # fires with (size, name)
@@ -280,7 +281,7 @@ class Transfer:
             return
         kind = message["type"]
         if kind == "file_header":
-            problem = _header_problem(message, self.size)
+            problem = _header_problem(message, self.size, self.offset, self.length)
             if problem:
                 self.broke(problem)
             else:
@@ -305,11 +306,26 @@ class Transfer:
 MAX_FILE_SIZE = 2 ** 53
 
 
-def _header_problem(message, size_so_far):
+def _header_problem(message, size_so_far, offset=0, length=None):
+    """Why a file_header cannot be true, or None: its sizes must agree with
+    each other and with the range asked for (Django's Content-Length and
+    Content-Range come from them), its name be a plain name, its mtime a
+    number of seconds."""
     if size_so_far is not None:
         return "second header"
-    if not 0 <= message["size"] <= MAX_FILE_SIZE:
-        return f"the agent announced an impossible size ({message['size']})"
+    size = message["size"]
+    if not 0 <= size <= MAX_FILE_SIZE:
+        return f"the agent announced an impossible size ({size})"
+    if length is not None and size > length:
+        return f"the agent announced {size} bytes for a range of {length}"
+    total = message.get("total_size")
+    if total is not None and not (0 <= total <= MAX_FILE_SIZE and offset + size <= total):
+        return (f"the agent announced {size} bytes from offset {offset} of a file of "
+                f"{total} bytes")
+    mtime = message.get("mtime")
+    if mtime is not None and not (isinstance(mtime, (int, float))
+                                  and -MAX_FILE_SIZE < mtime < MAX_FILE_SIZE):
+        return f"the agent announced an impossible mtime ({str(mtime)[:32]})"
     name = message["name"]
     if not name or "/" in name or "\0" in name or len(name) > 4096:
         return f"the agent announced an impossible file name ({name[:64]!r})"
@@ -342,7 +358,8 @@ class Transfers:
         token_id, secret = yield daemon.store.issue_token(
             session.cluster_id, "file", int(daemon.settings.HPC_TOKEN_TTL_SECONDS))
         timeout = float(daemon.settings.HPC_AGENT_REQUEST_TIMEOUT)
-        transfer = Transfer(token_id, daemon.reactor, timeout, on_done=self._done)
+        transfer = Transfer(token_id, daemon.reactor, timeout, on_done=self._done,
+                            offset=offset, length=length)
         transfer.cluster_id, transfer.job_id, transfer.path = session.cluster_id, job_id, path
         transfer.started = daemon.reactor.seconds()
         self._by_token[token_id] = self.active[token_id] = transfer
@@ -359,6 +376,10 @@ class Transfers:
             raise Timeout(f"the agent of cluster {session.cluster_id} did not start sending "
                           f"{path!r} within {timeout:g} s") from None
         except HpcdError:
+            # The agent refused before any header: nothing waits on it, so
+            # its failure is consumed here, not left to the garbage collector
+            # ("Unhandled error in Deferred", with a traceback, per refusal).
+            transfer.header.addErrback(lambda _: None)
             transfer.fail("refused")
             raise
         finally:

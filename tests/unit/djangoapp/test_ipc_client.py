@@ -323,3 +323,33 @@ def test_a_connection_inherited_across_fork_is_not_reused(monkeypatch, settings,
     with pytest.raises(ipc.HpcdUnavailable):
         ipc.call(commands.IsClusterOnline, cluster_id=1)  # no hpcd at this socket path
     assert inherited.closed
+
+
+def test_an_agent_timeout_reaches_django_as_hpcds_timeout_not_as_a_silent_hpcd(
+        socket_path, servers, settings, monkeypatch):
+    """The deadlines nest: for a command that waits for the agent, Django
+    waits longer than hpcd waits for the agent (issue 9, item 8)."""
+    settings.HPC_IPC_TIMEOUT = 0.2
+    settings.HPC_AGENT_REQUEST_TIMEOUT = 0.5
+    monkeypatch.setattr(ipc, "AGENT_MARGIN_SECONDS", 1.0)
+
+    def answer(box):
+        time.sleep(0.6)  # hpcd waited HPC_AGENT_REQUEST_TIMEOUT for the agent, then answers
+        return amp.AmpBox(_error=box[b"_ask"], _error_code=b"TIMEOUT",
+                          _error_description=b"the agent of cluster 1 did not answer "
+                                             b"list_files within 0.5 s")
+
+    servers(socket_path, answer)
+    with pytest.raises(commands.Timeout, match="the agent of cluster 1 did not answer"):
+        ipc.call(commands.ListFiles, cluster_id=1, job_id=5, path="/", recursive=False)
+
+
+@pytest.mark.parametrize("command", [commands.ListFiles, commands.FetchFile,
+                                     commands.UploadFile])
+def test_commands_that_wait_for_the_agent_get_longer_than_hpcd_gives_it(settings, command):
+    settings.HPC_IPC_TIMEOUT = 30
+    settings.HPC_AGENT_REQUEST_TIMEOUT = 60
+    assert ipc._timeout(command) == 60 + ipc.AGENT_MARGIN_SECONDS
+    assert ipc._timeout(commands.IsClusterOnline) == 30
+    settings.HPC_IPC_TIMEOUT = 500  # never shortened
+    assert ipc._timeout(command) == 500

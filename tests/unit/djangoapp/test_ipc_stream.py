@@ -126,3 +126,26 @@ def test_a_slow_reader_is_not_a_slow_stream(socket_path, settings, monkeypatch):
         received += chunk
         time.sleep(0.1)  # the browser reads slowly: hpcd's stream is not to blame
     assert received == body
+
+
+def test_a_stalled_stream_is_aborted_after_one_window_not_the_ipc_timeout(
+        socket_path, settings, monkeypatch):
+    """A lying agent announces 1 TiB and then sends nothing: the worker is let
+    go after one of the rate meter's windows, not after HPC_IPC_TIMEOUT."""
+    settings.HPC_IPC_TIMEOUT = 60.0
+    settings.HPC_FILE_MIN_BYTES_PER_SECOND = 1000
+    monkeypatch.setattr(ipc._RateMeter, "WINDOW", 0.3)
+    chunks = stream(socket_path, 2 ** 40, [b"x" * 100, 30])
+    errors = []
+
+    def consume():
+        try:
+            b"".join(chunks)
+        except HpcdError as e:
+            errors.append(e)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    reader.join(timeout=20)  # far below HPC_IPC_TIMEOUT, far above the window
+    assert not reader.is_alive()
+    assert "bytes/s" in str(errors[0])

@@ -258,3 +258,24 @@ def test_each_refusal_is_a_counted_log_event(factory):
     refusals = [e["reason"] for e in events if e.get("hpc_event") == "connection_refused"]
     assert refusals == ["too many unauthenticated connections from one address"]
     assert factory.limits.refused == {refusals[0]: 1}
+
+
+def test_a_connection_lost_during_the_token_check_never_opens(factory, daemon, clock):
+    """The agent leaves (or its handshake times out) while the token is being
+    checked.  Autobahn would complete the handshake on the dead connection
+    when the check answers, and its ping timeout, 40 s later, then failed
+    inside txaio's timer bucket ("Error(s) processing call_later bucket",
+    logged as critical by the reactor)."""
+    pending = defer.Deferred()
+    daemon.store.check_token = lambda secret, purposes: pending
+    protocol, transport = connect(factory)
+    protocol.dataReceived(handshake())
+    protocol.connectionLost(Failure(ConnectionDone("the agent gave up")))
+    # A closed TCP transport ignores this; StringTransport raises.
+    transport.unregisterProducer = lambda: None
+    pending.callback(CLAIM)
+    assert protocol.state == protocol.STATE_CLOSED
+    ping = Settings.HPC_AGENT_PING_SECONDS
+    for _ in range(6):
+        clock.advance(ping)  # raised RuntimeError from the bucket before the fix
+    assert factory.limits.count == 0

@@ -6,11 +6,13 @@ import datetime
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.test import iosim
 
 from djangoapp import protocol as commands
-from djangoapp.protocol import (AgentError, ClusterOffline, HpcdError, NotFound, PathRefused)
+from djangoapp.protocol import (AgentError, ClusterOffline, HpcdError, NotFound, PathRefused,
+                                Timeout)
 from fakes import mismatches
 from hpcd.agents import AgentSession
 from hpcd.clusters import ClusterManager
@@ -74,11 +76,17 @@ class FakeStore:
         return defer.succeed({41: 1}.get(token_id))
 
 
+class FakeSettings:
+    HPC_AGENT_REQUEST_TIMEOUT = 60.0
+
+
 class FakeDaemon:
     def __init__(self):
         self.clusters = FakeClusters()
         self.dispatcher = FakeDispatcher()
         self.store = FakeStore()
+        self.settings = FakeSettings()
+        self.reactor = Clock()
 
 
 def test_the_fakes_match_the_real_classes():
@@ -108,6 +116,7 @@ def call(daemon):
             result.raiseException()
         return result
 
+    call.client, call.pump = client, pump
     return call
 
 
@@ -161,3 +170,122 @@ def test_send_message_goes_only_over_the_tokens_live_connection(call, daemon):
     assert session.sent == [{"type": "ack", "seqs": []}]
     with pytest.raises(NotFound, match="no live connection"):
         call(commands.SendMessage, token_id=99, message={"type": "ack", "seqs": []})
+
+
+def test_a_file_lists_pages_share_one_agent_deadline(call, daemon):
+    """Django waits HPC_AGENT_REQUEST_TIMEOUT and a margin for ListFiles
+    (issue 9, item 8): every page together gets that timeout, not each."""
+    session = daemon.clusters.sessions[1] = FakeSession(1)
+    clock, answers, timeouts = daemon.reactor, [], []
+
+    def request(mtype, timeout=None, **fields):
+        timeouts.append(timeout)
+        clock.advance(25)  # each page takes 25 s
+        return defer.succeed({"files": [[f"f{len(timeouts)}", False, 1]], "truncated": True,
+                              "next": len(timeouts)})
+
+    session.request = request
+    server = ControlProtocol(daemon)
+    server.list_files(cluster_id=1, job_id=5, path="/", recursive=True).addBoth(
+        answers.append)
+    (failure,) = answers
+    assert failure.check(Timeout)
+    assert "did not list '/' within 60 s" in failure.getErrorMessage()
+    assert timeouts == [60, 35, 10]
+
+
+@pytest.fixture
+def failures():
+    """Log events carrying a traceback (log.failure) while the test runs."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+
+    def observe(event):
+        if "log_failure" in event:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def ask_raw(call, name, **strings):
+    """Send a command with raw string arguments, as a broken or hostile client would."""
+    client = call.client
+    results = []
+    client.callRemoteString(name, **strings).addBoth(results.append)
+    call.pump.flush()
+    (result,) = results
+    return result
+
+
+@pytest.mark.parametrize("name,strings", [
+    (b"ListFiles", {"cluster_id": b"one", "path": b"/", "recursive": b"True"}),
+    (b"ListFiles", {"path": b"/", "recursive": b"True"}),  # cluster_id missing
+    (b"ListFiles", {"cluster_id": b"1", "path": b"\xff\xfe", "recursive": b"True"}),
+    (b"ListFiles", {"cluster_id": b"1", "path": b"/", "recursive": b"maybe"}),
+    (b"IsClusterOnline", {"cluster_id": b"9" * 40}),  # beyond any database integer
+    (b"SendMessage", {"token_id": b"1", "message": b"2", "message.0": b"{", "message.1": b""}),
+    (b"SendMessage", {"token_id": b"1", "message": b"7"}),  # parts missing
+    (b"FetchFile", {"cluster_id": b"1", "path": b"/x", "offset": b"1.5"}),
+    (b"OpenShell", {"cluster_id": b"-" + b"9" * 30}),
+])
+def test_unreadable_arguments_get_bad_request_and_no_traceback(call, daemon, failures, name,
+                                                                strings):
+    daemon.clusters.sessions[1] = FakeSession(1, pages=[{"files": [], "truncated": False}])
+    result = ask_raw(call, name, **strings)
+    assert result.check(amp.RemoteAmpError)
+    assert result.value.errorCode == commands.BAD_REQUEST
+    assert "could not read the arguments of" in result.value.description
+    assert failures == []
+    # The connection still serves.
+    assert call(commands.IsClusterOnline, cluster_id=1)["token_id"] == 41
+
+
+def test_an_unknown_command_is_answered_unhandled_without_a_traceback(call, daemon, failures):
+    result = ask_raw(call, b"LaunchMissiles", target=b"moon")
+    assert result.check(amp.UnhandledCommand)
+    assert failures == []
+    assert call(commands.IsClusterOnline, cluster_id=7)["token_id"] == 0
+
+
+@pytest.mark.parametrize("box", [
+    {b"_answer": b"99", b"x": b"1"},  # an answer to a question hpcd never asked
+    {b"_error": b"99", b"_error_code": b"X", b"_error_description": b""},
+    {b"just": b"data"},
+    {b"_command": b"IsClusterOnline", b"cluster_id": b"1"},  # no _ask: no one to answer
+])
+def test_a_box_that_is_no_question_closes_the_connection_without_a_traceback(daemon,
+                                                                             failures, box):
+    from twisted.internet.testing import StringTransport
+
+    server = ControlProtocol(daemon)
+    transport = StringTransport()
+    server.makeConnection(transport)
+    server.dataReceived(amp.AmpBox(box).serialize())
+    assert transport.disconnecting
+    assert failures == []
+
+
+def test_arguments_the_agents_protocol_cannot_carry_are_a_bad_request(call, daemon,
+                                                                      failures):
+    """A negative offset, say: AMP reads it, the wire refuses to encode it.
+    That was "hpcd failed" with a traceback in hpcd's log per request."""
+    from hpc_agent import wire
+
+    def request(mtype, timeout=None, **fields):
+        raise wire.ProtocolError("bad_frame", "'offset' must be a count, got -5")
+
+    session = daemon.clusters.sessions[1] = FakeSession(1)
+    session.request = request
+    # As Django's client sees it: the wire's error code (ipc.ERROR_CLASSES).
+    result = ask_raw(call, b"ListFiles", cluster_id=b"1", job_id=b"5", path=b"/",
+                     recursive=b"False")
+    assert result.value.errorCode == commands.BAD_REQUEST
+    assert "offset" in result.value.description
+    result = ask_raw(call, b"SendMessage", token_id=b"41", message=b"1",
+                     **{"message.0": b"[1, 2]"})
+    assert result.value.errorCode == commands.BAD_REQUEST
+    assert "JSON object" in result.value.description
+    assert failures == []

@@ -132,3 +132,76 @@ def test_a_sink_arriving_after_a_failure_is_cut_off_at_once(transfer):
     transfer.fail("timed out")
     sink = connect_sink(transfer)
     assert sink.value() == b"" and (sink.disconnected or sink.disconnecting)
+
+
+@pytest.mark.parametrize("offset,length,fields", [
+    (0, None, {"size": 7, "total_size": 6}),  # more than the whole file
+    (4, None, {"size": 3, "total_size": 6}),  # past the end of the file
+    (0, 10, {"size": 11}),  # more than the range asked for
+    (0, None, {"size": 3, "total_size": -1}),
+    (0, None, {"size": 3, "mtime": -2.0 ** 60}),
+])
+def test_a_header_that_contradicts_itself_or_the_range_fails_the_fetch(offset, length,
+                                                                        fields):
+    """Django's Content-Length and Content-Range come from the header: a lying
+    agent must not produce impossible ones (issue 9, item 9)."""
+    t = Transfer(token_id=1, reactor=Clock(), timeout=30, offset=offset, length=length)
+    t.source, headers = Source(), []
+    t.header.addBoth(headers.append)
+    t.message(wire.encode("file_header", name="out.txt", **fields), False)
+    (failure,) = headers
+    assert failure.check(AgentError) and "announced" in failure.getErrorMessage()
+    assert t.source.closed
+
+
+def test_a_header_consistent_with_the_range_is_taken():
+    t = Transfer(token_id=1, reactor=Clock(), timeout=30, offset=2, length=4)
+    t.source, headers = Source(), []
+    t.header.addBoth(headers.append)
+    t.message(wire.encode("file_header", name="out.txt", size=4, total_size=6,
+                          mtime=1.7e9), False)
+    assert headers == [(4, "out.txt")]
+    assert (t.total_size, t.mtime) == (6, 1.7e9)
+
+
+def test_a_fetch_the_agent_refuses_leaves_no_unhandled_error_behind():
+    """Each refused fetch (a FIFO, a path outside) logged a critical
+    "Unhandled error in Deferred" with a traceback when the transfer's header
+    Deferred was collected."""
+    import gc
+
+    from twisted.internet import defer
+    from twisted.logger import globalLogPublisher
+
+    from djangoapp.protocol import PathRefused
+    from hpcd.transfers import Transfers
+
+    class Daemon:
+        reactor = Clock()
+
+        class settings:
+            HPC_TOKEN_TTL_SECONDS = 60
+            HPC_AGENT_REQUEST_TIMEOUT = 30
+
+        class store:
+            @staticmethod
+            def issue_token(cluster_id, purpose, ttl):
+                return defer.succeed((5, "secret"))
+
+    class Session:
+        cluster_id = 1
+
+        def request(self, mtype, **fields):
+            return defer.fail(PathRefused("not a regular file"))
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        results = []
+        Transfers(Daemon()).fetch(Session(), 3, "pipe").addBoth(results.append)
+        assert results[0].check(PathRefused)
+        del results
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if "log_failure" in e] == []
