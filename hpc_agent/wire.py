@@ -81,11 +81,17 @@ hpcd -> agent
 
 Transfer connection: ``ws(s)://SERVER/file``, one per file, authenticated
 with the single-use token from ``fetch_file``.
-  agent -> hpcd  file_header  size:int name:str [total_size:int mtime:number]  (text)
+  agent -> hpcd  file_header  size:int name:str [total_size:int mtime:number
+                              checksum:str]  (text)
                  ``size``: bytes that follow (the range asked for);
-                 ``total_size``: the whole file's size.
+                 ``total_size``: the whole file's size; ``checksum``: the
+                 kind of check the end marker carries (hpc_agent.checksums:
+                 "crc32", what this agent sends; absent: "sha256", as agents
+                 before it sent).
                  <binary frames: the bytes>
-                 file_end     size:int sha256:str (text)
+                 file_end     size:int [crc32:int sha256:str] (text; the
+                              field named by the header's kind: CRC-32 as an
+                              integer, SHA-256 in hexadecimal)
                  file_error   message:str         (text; the transfer failed)
   hpcd -> agent  file_done    size:int            (text; all bytes arrived)
 The agent closes only after ``file_done``: closing with data still buffered
@@ -204,8 +210,9 @@ SCHEMA = {
     "upload_ready": ({}, {}, False),
     "upload_end": ({"size": INT, "sha256": STR}, {}, False),
     "upload_done": ({"size": INT, "sha256": STR, "mtime": NUMBER}, {}, False),
-    "file_header": ({"size": INT, "name": STR}, {"total_size": INT, "mtime": NUMBER}, False),
-    "file_end": ({"size": INT, "sha256": STR}, {}, False),
+    "file_header": ({"size": INT, "name": STR},
+                    {"total_size": INT, "mtime": NUMBER, "checksum": STR}, False),
+    "file_end": ({"size": INT}, {"crc32": COUNT, "sha256": STR}, False),
     "file_error": ({"message": STR}, {}, False),
     "file_done": ({"size": INT}, {}, False),
 }
