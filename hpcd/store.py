@@ -207,6 +207,36 @@ def work_thd(job_id=None):
             if cluster_id is not None or pk in assigned]
 
 
+def stuck_jobs_thd(threshold_seconds, limit=100):
+    """Jobs hpcd owes a message to whose last change is older than the
+    threshold: ``[{"job", "status" (a name), "cluster_id", "waited" (s)}]``,
+    the longest waiting first, at most ``limit``."""
+    now = timezone.now()
+    rows = (HpcJob.objects.filter(job_status__in=[int(s) for s in NEEDS_DISPATCH])
+            .annotate(last=Max("status_changes__time"))
+            .filter(last__lt=now - timedelta(seconds=threshold_seconds))
+            .order_by("last").values_list("pk", "job_status", "cluster_id", "last")[:limit])
+    return [{"job": pk, "status": JobStatus(status).name, "cluster_id": cluster_id,
+             "waited": (now - last).total_seconds()}
+            for pk, status, cluster_id, last in rows]
+
+
+def transition_thd(job_id, new, detail=""):
+    applied, _ = transitions.apply(job_id, new, "hpcd", detail, robust=True)
+    return applied
+
+
+def transition_many_thd(job_ids, new, detail=""):
+    """Move many jobs to ``new`` in one transaction, each by the transition
+    table (for the dispatcher: PENDING -> SUBMITTING for a whole scan, a few
+    statements instead of two per job); returns the ids of those moved."""
+    new = JobStatus(new)
+    changes, _ = transitions.apply_batch(
+        [{"job": job_id, "status": new, "detail": detail, "scheduler_id": None}
+         for job_id in job_ids], "hpcd")
+    return [change.job for change in changes]
+
+
 def work_of_thd(job_ids):
     """:func:`work_thd` for the jobs ``job_ids`` (notifications that came
     together), in one query per 500 jobs."""
@@ -243,36 +273,6 @@ def claim_work_thd(cluster_id, limit, max_bytes):
         return []
     moved = set(transition_many_thd([pk for pk, _ in batch], JobStatus.SUBMITTING))
     return [{"job": pk, "parameters": parameters} for pk, parameters in batch if pk in moved]
-
-
-def stuck_jobs_thd(threshold_seconds, limit=100):
-    """Jobs hpcd owes a message to whose last change is older than the
-    threshold: ``[{"job", "status" (a name), "cluster_id", "waited" (s)}]``,
-    the longest waiting first, at most ``limit``."""
-    now = timezone.now()
-    rows = (HpcJob.objects.filter(job_status__in=[int(s) for s in NEEDS_DISPATCH])
-            .annotate(last=Max("status_changes__time"))
-            .filter(last__lt=now - timedelta(seconds=threshold_seconds))
-            .order_by("last").values_list("pk", "job_status", "cluster_id", "last")[:limit])
-    return [{"job": pk, "status": JobStatus(status).name, "cluster_id": cluster_id,
-             "waited": (now - last).total_seconds()}
-            for pk, status, cluster_id, last in rows]
-
-
-def transition_thd(job_id, new, detail=""):
-    applied, _ = transitions.apply(job_id, new, "hpcd", detail, robust=True)
-    return applied
-
-
-def transition_many_thd(job_ids, new, detail=""):
-    """Move many jobs to ``new`` in one transaction, each by the transition
-    table (for the dispatcher: PENDING -> SUBMITTING for a whole scan, a few
-    statements instead of two per job); returns the ids of those moved."""
-    new = JobStatus(new)
-    changes, _ = transitions.apply_batch(
-        [{"job": job_id, "status": new, "detail": detail, "scheduler_id": None}
-         for job_id in job_ids], "hpcd")
-    return [change.job for change in changes]
 
 
 def apply_updates_thd(cluster_id, updates):
