@@ -94,6 +94,9 @@ def main():
             print(f"{name}_seconds: {elapsed:.2f} s")
             print(f"{name}_submit_rate: {args.jobs / submit_seconds:.0f} jobs/s into the database")
             print(f"{name}_errors: {errors} jobs")
+            for detail in HpcJob.objects.filter(job_status=JobStatus.ERROR).values_list(
+                    "job_details", flat=True).distinct()[:3]:
+                print(f"  error: {detail[:300]}", file=sys.stderr)
             for process, seconds in cpu.items():
                 print(f"{name}_{process}_cpu: {seconds / args.jobs * 1000:.2f} ms per job")
         finally:
