@@ -14,8 +14,10 @@ whoever moved it and by no one else) and sends them in one ``submit_many``
 request; the agent submits each and answers per job.  While a batch awaits
 its answer the next is claimed, up to a window of batches in flight per
 cluster that grows while the agent answers within WINDOW_TARGET_SECONDS and
-halves when it does not (or fails).  An agent too old for ``submit_many``
-gets one ``submit`` per job instead.
+halves when it does not (or fails).  With one batch in flight and answers
+still slow (a slow scheduler: the request must not time out), the batches
+shrink, down to MIN_BATCH, and grow back when answers are quick.  An agent
+too old for ``submit_many`` gets one ``submit`` per job instead.
 
 Notifications arriving within NOTIFY_SECONDS are looked up together, in one
 query: a burst of submit() calls costs one lookup per burst, not per job.
@@ -32,8 +34,10 @@ from hpc_agent.status import JobStatus
 
 log = Logger()
 
-#: Jobs claimed and sent to an agent in one submit_many request, at most.
+#: Jobs claimed and sent to an agent in one submit_many request, at most,
+#: and at least while answers are slow.
 BATCH = 250
+MIN_BATCH = 10
 #: Their parameters, encoded, at most (the agent's frames are limited).
 BATCH_BYTES = 4 * 1024 * 1024
 #: Batches in flight per cluster: the window starts at 1 and grows by one
@@ -48,13 +52,24 @@ NOTIFY_SECONDS = 0.005
 class _Cluster:
     """One cluster's submission round."""
 
-    __slots__ = ("more", "claiming", "batches", "window")
+    __slots__ = ("more", "claiming", "batches", "window", "size")
 
     def __init__(self):
         self.more = False  # PENDING jobs may be waiting
         self.claiming = False  # a claim is running
         self.batches = 0  # batches sent and not yet answered
         self.window = 1
+        self.size = BATCH  # jobs per batch
+
+    def answered(self, seconds, failed):
+        """Adapt the window and the batch size to how the agent answered."""
+        if failed or seconds > WINDOW_TARGET_SECONDS:
+            if failed or self.window == 1:
+                self.size = max(MIN_BATCH, self.size // 2)
+            self.window = 1 if failed else max(1, self.window // 2)
+        else:
+            self.window = min(WINDOW_MAX, self.window + 1)
+            self.size = min(BATCH, self.size * 2)
 
 
 class Dispatcher(service.Service):
@@ -142,8 +157,9 @@ class Dispatcher(service.Service):
             else:
                 self._dispatch(job)
         for cluster_id, batch in resend.items():
-            for i in range(0, len(batch), BATCH):
-                self._send_batch(cluster_id, batch[i:i + BATCH])
+            size = self._round(cluster_id).size
+            for i in range(0, len(batch), size):
+                self._send_batch(cluster_id, batch[i:i + size])
         for cluster_id in list(self._rounds):
             self._pump(cluster_id)
 
@@ -170,11 +186,12 @@ class Dispatcher(service.Service):
                 self._rounds.pop(cluster_id, None)
             return
         state.claiming, state.more = True, False
-        d = self._store.claim_work(cluster_id, BATCH, BATCH_BYTES)
+        size = state.size
+        d = self._store.claim_work(cluster_id, size, BATCH_BYTES)
 
         def claimed(jobs):
             state.claiming = False
-            if len(jobs) >= BATCH:
+            if len(jobs) >= size:
                 state.more = True  # probably more where these came from
             if jobs:
                 self._send_batch(cluster_id, jobs)
@@ -213,11 +230,7 @@ class Dispatcher(service.Service):
 
         def settled(result):
             state.batches -= 1
-            seconds = self._reactor.seconds() - started
-            if isinstance(result, Exception) or seconds > WINDOW_TARGET_SECONDS:
-                state.window = 1 if isinstance(result, Exception) else max(1, state.window // 2)
-            elif state.window < WINDOW_MAX:
-                state.window += 1
+            state.answered(self._reactor.seconds() - started, isinstance(result, Exception))
             self._settle(ids)
             self._pump(cluster_id)
 

@@ -240,3 +240,35 @@ def test_nothing_is_claimed_for_a_cluster_without_an_agent(env):
     env.clusters.sessions[2] = session = FakeSession(env.store)
     env.dispatcher.scan()  # what hpcd does when a cluster comes online
     assert sizes(session) == [2]
+
+
+def test_batches_shrink_while_a_slow_agent_answers_and_grow_back(env):
+    env.store.add(1, BATCH * 8)
+    env.dispatcher.scan()
+    assert sizes(env.session) == [BATCH]
+    # One batch in flight and a slow answer: the next batch is smaller.
+    env.clock.advance(dispatch.WINDOW_TARGET_SECONDS + 1)
+    env.session.answer()
+    assert sizes(env.session) == [BATCH // 2]
+    env.clock.advance(dispatch.WINDOW_TARGET_SECONDS + 1)
+    env.session.answer()
+    assert sizes(env.session) == [BATCH // 4]
+    _, _, d = env.session.requests.pop(0)
+    d.errback(ClusterOffline("timed out"))
+    assert sizes(env.session) == [BATCH // 8]
+    env.dispatcher.scan()  # the failed batch again, in batches of the new size
+    assert sizes(env.session) == [BATCH // 8] * 3
+    # Quick answers: back to full batches.
+    seen = []
+    while env.session.requests:
+        seen.append(len(env.session.answer()["jobs"]))
+    assert seen[:3] == [BATCH // 8] * 3 and seen[3] > BATCH // 8 and BATCH in seen
+
+
+def test_batches_never_shrink_below_the_minimum(env):
+    env.store.add(1, BATCH * 4)
+    env.dispatcher.scan()
+    for _ in range(10):
+        env.clock.advance(dispatch.WINDOW_TARGET_SECONDS + 1)
+        env.session.answer()
+    assert sizes(env.session) == [dispatch.MIN_BATCH]
