@@ -5,8 +5,9 @@
 A real hpcd and ``--agents`` clusters on localhost, each with an agent
 directory of its own (real agents, real processes).  Every cluster is asked
 to connect at once (HpcCluster.try_connect()); prints the seconds until
-all are connected, until half were, and the CPU time one agent took to
-start (its import of Twisted, Autobahn and the agent's modules).  Then the
+all are connected, until half were, the CPU time one agent took to start
+(its import of Twisted, Autobahn and the agent's modules) and hpcd's CPU
+time meanwhile.  Then the
 agents are stopped.  Prints ``name: value unit`` lines.
 """
 
@@ -35,6 +36,7 @@ def main():
         daemon = Hpcd(tmp).start()
         print(f"pids: hpcd {daemon.process.pid}", file=sys.stderr, flush=True)
         try:
+            hpcd_cpu = cpu_seconds(daemon.process.pid)
             started = time.monotonic()
             for cluster in clusters:
                 cluster.try_connect()
@@ -49,10 +51,12 @@ def main():
             wait_for(all_online, timeout=args.timeout, interval=0.05,
                      what=f"{args.agents} agents to be online")
             times = sorted(online_at.values())
+            hpcd_cpu = cpu_seconds(daemon.process.pid) - hpcd_cpu
             cpu = [cpu_seconds(pid) for pid in map(agent_pid, directories) if pid]
             print(f"launch_storm_{args.agents}: {times[-1]:.2f} s until all online")
             print(f"launch_storm_{args.agents}_half: {times[len(times) // 2]:.2f} s")
             print(f"agent_start_cpu: {statistics.median(cpu):.2f} s (median of {len(cpu)})")
+            print(f"launch_storm_{args.agents}_hpcd_cpu: {hpcd_cpu:.2f} s")
         finally:
             daemon.stop()
             for directory in directories:
