@@ -68,3 +68,10 @@ def rss_mib(pid):
 def peak_rss_mib(pid):
     """The most resident memory the process has had, MiB."""
     return _status_mib(pid, "VmHWM")
+
+
+def cpu_seconds(pid):
+    """User and system CPU time the process has used, seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -62,6 +62,9 @@ def main():
         from harness import FINAL, agent_pid, wait_status
 
         hpcd_pid, agent_process = daemon.process.pid, agent_pid(agent)
+        # For a profiler (py-spy record --pid).
+        print(f"pids: hpcd {hpcd_pid} agent {agent_process} django {os.getpid()}",
+              file=sys.stderr, flush=True)
         before = rss_mib(hpcd_pid), rss_mib(agent_process)
         for size_mib in sizes:
             job = HpcJob.objects.create()
@@ -70,6 +73,7 @@ def main():
             path = os.path.join(agent, "jobs", str(job.pk), "big.bin")
             size = os.path.getsize(path)
             copy = socket_copy_seconds(path)
+            print(f"fetching {size_mib} MiB", file=sys.stderr, flush=True)
             started = time.monotonic()
             received = 0
             for chunk in job.fetch_remote_file("big.bin").streaming_content:

@@ -112,6 +112,7 @@ class AgentCore:
         }
         self._requests = {
             "submit": self._on_submit,
+            "submit_many": self._on_submit_many,
             "cancel": self._on_cancel,
             "delete": self._on_delete,
             # Files: hpc_agent.jobfiles.
@@ -409,6 +410,29 @@ class AgentCore:
         yield self.in_thread(self.scheduler(job_id, scheduler_id).delete_data)
         self._record(job_id, JobStatus.DELETED)
         return {"status": int(JobStatus.DELETED)}
+
+    def _on_submit_many(self, message):
+        """Each job as its own ``submit`` (in its job's lock, so a cancel
+        that came first wins), all at once; answered per job once every
+        state the answer reports is durable."""
+        jobs = message["jobs"]
+        calls = [self._with_job_lock(job["job"], self._on_submit, job) for job in jobs]
+
+        def answer(results):
+            answers = []
+            for job, (ok, value) in zip(jobs, results):
+                if ok:
+                    answers.append({"job": job["job"], "ok": True, **value})
+                elif value.check(RequestFailed):
+                    answers.append({"job": job["job"], "ok": False, "error": value.value.code,
+                                    "message": str(value.value)})
+                else:
+                    log.failure("submitting job {job} failed", value, job=job["job"])
+                    answers.append({"job": job["job"], "ok": False, "error": "internal",
+                                    "message": f"{value.type.__name__}: {value.value}"})
+            return self.state.when_durable().addCallback(lambda _: {"jobs": answers})
+
+        return defer.DeferredList(calls, consumeErrors=True).addCallback(answer)
 
     # -- updates to hpcd -----------------------------------------------------
 

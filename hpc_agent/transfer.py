@@ -11,15 +11,13 @@ sender closes only after hpcd confirms it has every byte: Autobahn drops
 still-buffered data when a close handshake times out.
 """
 
-import hashlib
-
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hpc_agent import wire
+from hpc_agent import checksums, wire
 from hpc_agent.connection import client_endpoint
 
 log = Logger()
@@ -51,7 +49,8 @@ class FileProducer:
         self._reading = False
         self._pumping = False
         self._done = False
-        self.sha256 = hashlib.sha256()
+        #: The end marker's check (hpc_agent.checksums; the header names it).
+        self.checksum = checksums.new(checksums.DEFAULT)
         self.sent = 0
 
     def resumeProducing(self):
@@ -92,7 +91,7 @@ class FileProducer:
             self._protocol.producer_failed(
                 f"the file shrank while being sent ({self.sent} of {self._source.size} bytes)")
             return
-        self.sha256.update(chunk)
+        self.checksum.update(chunk)
         self.sent += len(chunk)
         self._remaining -= len(chunk)
         # The transport calls pauseProducing from inside sendMessage when its
@@ -117,17 +116,18 @@ class FileSenderProtocol(WebSocketClientProtocol):
         self.transport.bufferSize = 4 * max(self.factory.transfer.chunk_size, 2**20)
         t = self.factory.transfer
         source = t.source
-        self.sendMessage(wire.encode("file_header", size=source.size, name=source.name,
-                                     total_size=source.total_size, mtime=source.mtime),
-                         isBinary=False)
         self.producer = FileProducer(self, source, t.chunk_size)
+        self.sendMessage(wire.encode("file_header", size=source.size, name=source.name,
+                                     total_size=source.total_size, mtime=source.mtime,
+                                     checksum=self.producer.checksum.name), isBinary=False)
         self.transport.registerProducer(self.producer, True)
         self.producer.resumeProducing()
 
     def producer_finished(self):
         self.transport.unregisterProducer()
+        checksum = self.producer.checksum
         self.sendMessage(wire.encode("file_end", size=self.producer.sent,
-                                     sha256=self.producer.sha256.hexdigest()), isBinary=False)
+                                     **{checksum.name: checksum.digest()}), isBinary=False)
 
     def producer_failed(self, why):
         self.transport.unregisterProducer()

@@ -43,6 +43,14 @@ hpcd -> agent
   submit      id job:int parameters:object
               -> result {scheduler_id:str|null, status:int}.  Idempotent: a
               job the agent knows is answered from its records.
+  submit_many id jobs:[{job:int, parameters:object}, ...]
+              -> result {jobs: [{job:int, ok:true, scheduler_id:str|null,
+                                 status:int}
+                                | {job:int, ok:false, error:str, message:str}]}
+              Many submits in one frame (hpcd sends a batch of claimed
+              jobs), each handled as its own ``submit`` would be and
+              answered per job once all are durable.  An agent without it
+              answers ``unknown_type`` and hpcd sends one submit per job.
   cancel      id job:int                  -> result {status:int}
   delete      id job:int                  -> result {status:int}
   list_files  id job:int|null path:str recursive:bool
@@ -77,11 +85,17 @@ hpcd -> agent
 
 Transfer connection: ``ws(s)://SERVER/file``, one per file, authenticated
 with the single-use token from ``fetch_file``.
-  agent -> hpcd  file_header  size:int name:str [total_size:int mtime:number]  (text)
+  agent -> hpcd  file_header  size:int name:str [total_size:int mtime:number
+                              checksum:str]  (text)
                  ``size``: bytes that follow (the range asked for);
-                 ``total_size``: the whole file's size.
+                 ``total_size``: the whole file's size; ``checksum``: the
+                 kind of check the end marker carries (hpc_agent.checksums:
+                 "crc32", what this agent sends; absent: "sha256", as agents
+                 before it sent).
                  <binary frames: the bytes>
-                 file_end     size:int sha256:str (text)
+                 file_end     size:int [crc32:int sha256:str] (text; the
+                              field named by the header's kind: CRC-32 as an
+                              integer, SHA-256 in hexadecimal)
                  file_error   message:str         (text; the transfer failed)
   hpcd -> agent  file_done    size:int            (text; all bytes arrived)
 The agent closes only after ``file_done``: closing with data still buffered
@@ -156,6 +170,10 @@ def _is_file_entry(v):
             and (len(v) == 3 or _is_number(v[3])))
 
 
+def _is_submission(v):
+    return isinstance(v, dict) and _is_int(v.get("job")) and "parameters" in v
+
+
 INT = ("an integer", _is_int)
 STR = ("a string", lambda v: isinstance(v, str))
 BOOL = ("a boolean", lambda v: isinstance(v, bool))
@@ -167,6 +185,8 @@ COUNT = ("an integer >= 0", lambda v: _is_int(v) and v >= 0)
 OPT_COUNT = ("an integer >= 0 or null", lambda v: v is None or (_is_int(v) and v >= 0))
 OPT_LIMIT = ("an integer >= 1 or null", lambda v: v is None or (_is_int(v) and v >= 1))
 OPT_STR = ("a string or null", lambda v: v is None or isinstance(v, str))
+SUBMIT_LIST = ("a list of {job:int, parameters} objects",
+               lambda v: isinstance(v, list) and all(_is_submission(e) for e in v))
 INT_LIST = ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(i) for i in v))
 FILE_LIST = ("a list of [path, is_dir, size] or [path, is_dir, size, mtime]",
              lambda v: isinstance(v, list) and all(_is_file_entry(e) for e in v))
@@ -183,6 +203,7 @@ SCHEMA = {
                 {"resume_grace_seconds": NUMBER, "installation": STR}, False),
     "ack": ({"seqs": INT_LIST}, {"retry": INT_LIST}, False),
     "submit": ({"job": INT, "parameters": ANY}, {}, True),
+    "submit_many": ({"jobs": SUBMIT_LIST}, {}, True),
     "cancel": ({"job": INT}, {}, True),
     "delete": ({"job": INT}, {}, True),
     "list_files": ({"job": OPT_INT, "path": STR, "recursive": BOOL},
@@ -194,8 +215,9 @@ SCHEMA = {
     "upload_ready": ({}, {}, False),
     "upload_end": ({"size": INT, "sha256": STR}, {}, False),
     "upload_done": ({"size": INT, "sha256": STR, "mtime": NUMBER}, {}, False),
-    "file_header": ({"size": INT, "name": STR}, {"total_size": INT, "mtime": NUMBER}, False),
-    "file_end": ({"size": INT, "sha256": STR}, {}, False),
+    "file_header": ({"size": INT, "name": STR},
+                    {"total_size": INT, "mtime": NUMBER, "checksum": STR}, False),
+    "file_end": ({"size": INT}, {"crc32": COUNT, "sha256": STR}, False),
     "file_error": ({"message": STR}, {}, False),
     "file_done": ({"size": INT}, {}, False),
 }
@@ -203,7 +225,7 @@ SCHEMA = {
 #: Which side may send what; a receiver refuses the other side's types.
 FROM_AGENT = frozenset({"hello", "update", "reply", "error", "file_header",
                         "file_end", "file_error", "upload_ready", "upload_done"})
-FROM_HPCD = frozenset({"welcome", "ack", "submit", "cancel", "delete", "list_files",
+FROM_HPCD = frozenset({"welcome", "ack", "submit", "submit_many", "cancel", "delete", "list_files",
                        "fetch_file", "file_checksum", "upload_file", "error", "reply",
                        "file_done", "upload_end"})
 #: What each side accepts on a transfer connection (the rest: control).

@@ -14,6 +14,7 @@ or it sat idle long enough for a server restart to have cut it, and closed
 if it no longer works; one a caller left outside autocommit is closed.
 """
 
+import json
 import threading
 import time
 from datetime import timedelta
@@ -264,6 +265,44 @@ def transition_many_thd(job_ids, new, detail=""):
         [{"job": job_id, "status": new, "detail": detail, "scheduler_id": None}
          for job_id in job_ids], "hpcd")
     return [change.job for change in changes]
+
+
+def work_of_thd(job_ids):
+    """:func:`work_thd` for the jobs ``job_ids`` (notifications that came
+    together), in one query per 500 jobs."""
+    rows = []
+    for chunk in transitions.chunks(sorted(set(job_ids))):
+        rows.extend(HpcJob.objects.filter(
+            pk__in=chunk, job_status__in=[int(s) for s in NEEDS_DISPATCH]).values_list(
+            "pk", "job_status", "cluster_id", "job_parameters"))
+    rows.sort()
+    orphans = [pk for pk, status, cluster_id, _ in rows
+               if cluster_id is None and status == JobStatus.PENDING]
+    assigned = _assign_clusters_thd(orphans) if orphans else {}
+    return [{"job": pk, "status": JobStatus(status), "cluster_id": cluster_id or assigned[pk],
+             "parameters": parameters}
+            for pk, status, cluster_id, parameters in rows
+            if cluster_id is not None or pk in assigned]
+
+
+def claim_work_thd(cluster_id, limit, max_bytes):
+    """Claim up to ``limit`` of the cluster's PENDING jobs, oldest first,
+    whose parameters take at most ``max_bytes`` encoded (at least one job):
+    they move to SUBMITTING in one transaction, each by compare-and-set, so
+    a job is claimed once whoever else claims.  Returns the claimed
+    ``[{"job", "parameters"}]``; the dispatcher sends them after this."""
+    rows = list(HpcJob.objects.filter(cluster_id=cluster_id, job_status=JobStatus.PENDING)
+                .order_by("pk").values_list("pk", "job_parameters")[:limit])
+    batch, size = [], 0
+    for pk, parameters in rows:
+        size += len(json.dumps(parameters, separators=(",", ":"))) + 32
+        if batch and size > max_bytes:
+            break
+        batch.append((pk, parameters))
+    if not batch:
+        return []
+    moved = set(transition_many_thd([pk for pk, _ in batch], JobStatus.SUBMITTING))
+    return [{"job": pk, "parameters": parameters} for pk, parameters in batch if pk in moved]
 
 
 def apply_updates_thd(cluster_id, updates):
@@ -530,6 +569,12 @@ class Store(service.Service):
 
     def work(self, job_id=None):
         return self.run(work_thd, job_id)
+
+    def work_of(self, job_ids):
+        return self.run(work_of_thd, job_ids)
+
+    def claim_work(self, cluster_id, limit, max_bytes):
+        return self.run(claim_work_thd, cluster_id, limit, max_bytes)
 
     def stuck_jobs(self, threshold_seconds, limit=100):
         return self.run(stuck_jobs_thd, threshold_seconds, limit)

@@ -4,10 +4,12 @@ Django sends ``FetchFile`` on an AMP connection of its own.  hpcd issues a
 single-use file token, asks the agent (over its control connection) to open
 a ``/file`` websocket with it, and answers ``FetchFile`` with the size and
 name once the agent's header arrives; the AMP connection then carries the
-raw bytes, and after the last one a trailer: ``TRAILER_OK`` and the SHA-256
-the agent announced, written only once hpcd has checked that the bytes match
-it.  A transfer that fails is cut off without a trailer, so Django can tell
-a damaged file from a complete one even when every byte arrived.
+raw bytes, and after the last one a trailer: ``TRAILER_OK`` and the checksum
+the agent announced (hpc_agent.checksums; CRC-32 padded with zeros, or the
+SHA-256 of an older agent), written only once hpcd has checked that the
+bytes match it.  A transfer that fails is cut off without a trailer, so
+Django can tell a damaged file from a complete one even when every byte
+arrived.
 
 Flow control runs end to end the way ``twisted.protocols.portforward`` does
 it: the agent's TCP transport is registered as the producer of the Django
@@ -16,7 +18,6 @@ TCP pushes back, and the agent's file producer pauses.  Memory stays flat
 whatever the file size.
 """
 
-import hashlib
 import socket
 
 from automat import MethodicalMachine
@@ -24,7 +25,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from djangoapp.protocol import TRAILER_OK, AgentError, HpcdError, Timeout
-from hpc_agent import wire
+from hpc_agent import checksums, wire
 
 log = Logger()
 
@@ -85,7 +86,7 @@ class Transfer:
         self.size = None
         self.total_size = self.mtime = None  # the whole file's, from the header
         self.received = 0
-        self.sha256 = hashlib.sha256()
+        self.checksum = None  # of the kind the header names
         self._early = []
 
     # -- states ------------------------------------------------------------------
@@ -197,7 +198,7 @@ class Transfer:
         self._write_trailer()
 
     def _write_trailer(self):
-        self.sink.transport.write(TRAILER_OK + self.sha256.digest())
+        self.sink.transport.write(TRAILER_OK + self.checksum.raw().ljust(32, b"\0"))
         self.sink.transport.loseConnection()
 
     @_machine.output()
@@ -271,7 +272,7 @@ class Transfer:
                 self.broke("the agent sent more bytes than announced")
                 return
             self.received += len(payload)
-            self.sha256.update(payload)
+            self.checksum.update(payload)
             self.data_received(payload)
             return
         try:
@@ -285,12 +286,15 @@ class Transfer:
             if problem:
                 self.broke(problem)
             else:
+                self.checksum = checksums.new(message.get("checksum", checksums.LEGACY))
                 self.total_size = message.get("total_size")
                 self.mtime = message.get("mtime")
                 self.header_received(message["size"], message["name"])
         elif kind == "file_end":
-            if (message["size"], message["sha256"]) != (self.received,
-                                                        self.sha256.hexdigest()):
+            if self.checksum is None:
+                self.broke("the agent ended a file it never announced")
+            elif (message["size"], message.get(self.checksum.name)) != (
+                    self.received, self.checksum.digest()):
                 self.broke(f"the file arrived damaged ({self.received} of {message['size']} "
                            "bytes, or a checksum mismatch)")
             else:
@@ -329,6 +333,8 @@ def _header_problem(message, size_so_far, offset=0, length=None):
     name = message["name"]
     if not name or "/" in name or "\0" in name or len(name) > 4096:
         return f"the agent announced an impossible file name ({name[:64]!r})"
+    if message.get("checksum", checksums.LEGACY) not in checksums.KINDS:
+        return f"the agent announced an unknown checksum ({message['checksum'][:32]!r})"
     return None
 
 

@@ -638,6 +638,54 @@ def test_a_scheduler_error_becomes_an_error_after_the_last_attempt(agent):
     assert len(agent.calls("submit")) == SUBMIT_ATTEMPTS
 
 
+def test_submit_many_submits_each_job_and_answers_per_job(agent):
+    seen = []
+    FakeScheduler.on_submit = lambda job_id: seen.append(agent.state.get(job_id).status)
+    FakeScheduler.submit_results[6] = [InvalidParameters("no such queue")]
+    agent.connect()
+    agent.ask("submit", job=7, parameters=PARAMS)  # known already: from its record
+    reply = agent.ask("submit_many", jobs=[{"job": 5, "parameters": PARAMS},
+                                           {"job": 6, "parameters": PARAMS},
+                                           {"job": 7, "parameters": PARAMS}])
+    assert reply["ok"] and reply["result"] == {"jobs": [
+        {"job": 5, "ok": True, "scheduler_id": "sched-5", "status": int(S.SUBMITTED)},
+        {"job": 6, "ok": True, "scheduler_id": None, "status": int(S.ERROR)},
+        {"job": 7, "ok": True, "scheduler_id": "sched-7", "status": int(S.SUBMITTED)}]}
+    # Each recorded durably before the scheduler saw it; job 7 not submitted twice.
+    assert seen == [S.SUBMITTING, S.SUBMITTING, S.SUBMITTING]
+    assert [c[1] for c in agent.calls("submit")] == [7, 5, 6]
+    assert sorted(agent.updates()) == [(5, S.SUBMITTED), (6, S.ERROR), (7, S.SUBMITTED)]
+
+
+def test_submit_many_answers_only_once_every_reported_state_is_durable(agent):
+    agent.connect()
+    agent.writer.held = []
+    request_id = agent.request("submit_many", jobs=[{"job": 5, "parameters": PARAMS},
+                                                    {"job": 6, "parameters": PARAMS}])
+    while agent.writer.held:
+        assert agent.replies() == []
+        agent.writer.commit()
+        agent.settle()
+    assert agent.reply(request_id)["result"]["jobs"][1]["status"] == int(S.SUBMITTED)
+
+
+def test_submit_many_after_a_cancel_does_not_submit_the_cancelled_job(agent):
+    agent.connect()
+    agent.ask("cancel", job=5)
+    reply = agent.ask("submit_many", jobs=[{"job": 5, "parameters": PARAMS},
+                                           {"job": 6, "parameters": PARAMS}])
+    assert [j["status"] for j in reply["result"]["jobs"]] == [int(S.CANCELLED),
+                                                              int(S.SUBMITTED)]
+    assert [c[1] for c in agent.calls("submit")] == [6]
+
+
+def test_a_malformed_submit_many_is_refused_as_its_reply():
+    with pytest.raises(wire.ProtocolError) as e:
+        wire.decode(b'{"type": "submit_many", "id": 3, "jobs": [{"job": "5"}]}',
+                    accept=wire.FROM_HPCD)
+    assert (e.value.code, e.value.request_id) == ("bad_field", 3)
+
+
 # -- cancel and delete ----------------------------------------------------------------
 
 def test_cancel_of_an_unknown_job_leaves_a_cancelled_tombstone(agent):

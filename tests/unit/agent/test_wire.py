@@ -19,6 +19,8 @@ _SAMPLES = [
     (wire.OPT_INT, None), (wire.OPT_STR, "slurm-42"), (wire.INT_LIST, [1, 2, 3]),
     (wire.FILE_LIST, [["a/b.txt", False, 12], ["a", True, 0]]),
     (wire.COUNT, 0), (wire.OPT_COUNT, 10), (wire.OPT_LIMIT, None),
+    (wire.SUBMIT_LIST, [{"job": 5, "parameters": {"script": "true"}}, {"job": 6,
+                                                                     "parameters": "x"}]),
 ]
 
 
@@ -249,9 +251,9 @@ def test_each_side_accepts_its_peers_messages(accept):
 def test_the_direction_sets_are_as_documented():
     assert wire.FROM_AGENT == {"hello", "update", "reply", "error", "file_header",
                                "file_end", "file_error", "upload_ready", "upload_done"}
-    assert wire.FROM_HPCD == {"welcome", "ack", "submit", "cancel", "delete", "list_files",
-                              "fetch_file", "file_checksum", "upload_file", "error", "reply",
-                              "file_done", "upload_end"}
+    assert wire.FROM_HPCD == {"welcome", "ack", "submit", "submit_many", "cancel", "delete",
+                              "list_files", "fetch_file", "file_checksum", "upload_file",
+                              "error", "reply", "file_done", "upload_end"}
     assert wire.TRANSFER_FROM_AGENT < wire.FROM_AGENT
     assert wire.TRANSFER_FROM_HPCD < wire.FROM_HPCD
 

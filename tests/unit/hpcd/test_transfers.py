@@ -2,6 +2,7 @@
 with StringTransports and a Clock: the flow-control order first."""
 
 import hashlib
+import zlib
 
 import pytest
 from twisted.internet.task import Clock
@@ -36,12 +37,14 @@ def transfer():
     return t
 
 
-def header(size=6, name="out.txt"):
-    return wire.encode("file_header", size=size, name=name)
+def header(size=6, name="out.txt", checksum="crc32"):
+    if checksum is None:  # an agent from before the header named its checksum
+        return wire.encode("file_header", size=size, name=name)
+    return wire.encode("file_header", size=size, name=name, checksum=checksum)
 
 
 def end(data):
-    return wire.encode("file_end", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    return wire.encode("file_end", size=len(data), crc32=zlib.crc32(data))
 
 
 def connect_sink(transfer):
@@ -51,7 +54,7 @@ def connect_sink(transfer):
 
 
 def trailer(data):
-    return TRAILER_OK + hashlib.sha256(data).digest()
+    return TRAILER_OK + zlib.crc32(data).to_bytes(4, "big") + bytes(28)
 
 
 def test_the_header_answers_django_and_holds_the_agent_until_django_connects(transfer):
@@ -85,10 +88,42 @@ def test_a_checksum_mismatch_after_the_last_byte_cuts_django_off(transfer):
     transfer.message(header(3), False)
     sink = connect_sink(transfer)
     transfer.message(b"abc", True)
-    transfer.message(wire.encode("file_end", size=3, sha256="0" * 64), False)
+    transfer.message(wire.encode("file_end", size=3, crc32=zlib.crc32(b"abd")), False)
     assert sink.value() == b"abc"  # no trailer
     assert sink.disconnected or sink.disconnecting
     assert transfer.source.frames == [] and transfer.source.closed
+
+
+def test_an_end_without_the_checksum_its_header_named_cuts_django_off(transfer):
+    transfer.message(header(3), False)
+    sink = connect_sink(transfer)
+    transfer.message(b"abc", True)
+    transfer.message(wire.encode("file_end", size=3, sha256=hashlib.sha256(b"abc").hexdigest()),
+                     False)
+    assert sink.value() == b"abc" and (sink.disconnected or sink.disconnecting)
+
+
+def test_an_older_agents_sha256_is_checked_and_passed_on(transfer):
+    transfer.message(header(3, checksum=None), False)
+    sink = connect_sink(transfer)
+    transfer.message(b"abc", True)
+    transfer.message(wire.encode("file_end", size=3, sha256=hashlib.sha256(b"abc").hexdigest()),
+                     False)
+    assert sink.value() == b"abc" + TRAILER_OK + hashlib.sha256(b"abc").digest()
+    assert transfer.source.frames == [{"type": "file_done", "size": 3}]
+
+
+def test_an_older_agents_sha256_mismatch_cuts_django_off(transfer):
+    transfer.message(header(3, checksum=None), False)
+    sink = connect_sink(transfer)
+    transfer.message(b"abc", True)
+    transfer.message(wire.encode("file_end", size=3, sha256="0" * 64), False)
+    assert sink.value() == b"abc" and (sink.disconnected or sink.disconnecting)
+
+
+def test_an_end_before_any_header_fails_the_fetch(transfer):
+    transfer.message(end(b""), False)
+    assert transfer.headers[0].check(AgentError)
 
 
 def test_more_bytes_than_announced_fail_the_transfer(transfer):
@@ -99,7 +134,8 @@ def test_more_bytes_than_announced_fail_the_transfer(transfer):
 
 
 @pytest.mark.parametrize("bad", [header(size=-5), header(size=2 ** 60), header(name=""),
-                                 header(name="../x"), header(name="a\0b")])
+                                 header(name="../x"), header(name="a\0b"),
+                                 header(checksum="md5")])
 def test_an_impossible_header_fails_the_fetch(transfer, bad):
     transfer.message(bad, False)
     (failure,) = transfer.headers
