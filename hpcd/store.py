@@ -276,6 +276,9 @@ def work_of_thd(job_ids):
             pk__in=chunk, job_status__in=[int(s) for s in NEEDS_DISPATCH]).values_list(
             "pk", "job_status", "cluster_id", "job_parameters"))
     rows.sort()
+    unsendable = _end_unsendable_thd(rows)
+    if unsendable:
+        rows = [row for row in rows if row[0] not in unsendable]
     orphans = [pk for pk, status, cluster_id, _ in rows
                if cluster_id is None and status == JobStatus.PENDING]
     assigned = _assign_clusters_thd(orphans) if orphans else {}
@@ -302,7 +305,12 @@ def claim_work_thd(cluster_id, limit, max_bytes):
     if not batch:
         return []
     moved = set(transition_many_thd([pk for pk, _ in batch], JobStatus.SUBMITTING))
-    return [{"job": pk, "parameters": parameters} for pk, parameters in batch if pk in moved]
+    claimed = [(pk, JobStatus.SUBMITTING, cluster_id, parameters)
+               for pk, parameters in batch if pk in moved]
+    # Written around submit()'s size check: ERROR now, not a refused send.
+    unsendable = _end_unsendable_thd(claimed)
+    return [{"job": pk, "parameters": parameters} for pk, _, _, parameters in claimed
+            if pk not in unsendable]
 
 
 def apply_updates_thd(cluster_id, updates):

@@ -73,3 +73,24 @@ def test_a_submitting_job_whose_parameters_no_frame_carries_ends_in_error(cluste
     big.refresh_from_db()
     assert big.job_status == S.ERROR and "HPC_MAX_PARAMETERS_BYTES" in big.job_details
     assert store.work_thd(big.pk) == []
+
+
+def test_claims_and_notified_work_end_unsendable_jobs_in_error_too(cluster, settings):
+    """The dispatcher's batch path (claim_work_thd, work_of_thd) applies the
+    same rule as the scan."""
+    settings.HPC_MAX_PARAMETERS_BYTES = 1000
+    big = HpcJob.objects.create(cluster=cluster, job_status=S.PENDING,
+                                job_parameters={"script": "x" * 2000})
+    fine = HpcJob.objects.create(cluster=cluster, job_status=S.PENDING,
+                                 job_parameters={"script": "echo hi"})
+    claimed = [c["job"] for c in store.claim_work_thd(cluster.pk, 10, 1 << 20)]
+    assert claimed == [fine.pk]
+    big.refresh_from_db()
+    assert big.job_status == S.ERROR and "HPC_MAX_PARAMETERS_BYTES" in big.job_details
+    bigger = HpcJob.objects.create(cluster=cluster, job_status=S.SUBMITTING,
+                                   job_parameters={"script": "x" * 3000})
+    assert store.work_of_thd([bigger.pk, fine.pk]) == [
+        {"job": fine.pk, "status": S.SUBMITTING, "cluster_id": cluster.pk,
+         "parameters": {"script": "echo hi"}}]
+    bigger.refresh_from_db()
+    assert bigger.job_status == S.ERROR
