@@ -202,8 +202,14 @@ def work_thd(job_id=None):
     jobs = HpcJob.objects.filter(job_status__in=[int(s) for s in NEEDS_DISPATCH])
     if job_id:
         jobs = jobs.filter(pk=job_id)
-    rows = list(jobs.order_by("pk").values_list("pk", "job_status", "cluster_id",
-                                                "job_parameters"))
+    return _work_of_rows_thd(list(jobs.order_by("pk").values_list(
+        "pk", "job_status", "cluster_id", "job_parameters")))
+
+
+def _work_of_rows_thd(rows):
+    """work_thd's answer for rows of (pk, status, cluster_id, parameters):
+    jobs no frame can carry end in ERROR, jobs without a cluster get one (a
+    bounded round), and those still without one are left for a later scan."""
     unsendable = _end_unsendable_thd(rows)
     if unsendable:
         rows = [row for row in rows if row[0] not in unsendable]
@@ -276,16 +282,7 @@ def work_of_thd(job_ids):
             pk__in=chunk, job_status__in=[int(s) for s in NEEDS_DISPATCH]).values_list(
             "pk", "job_status", "cluster_id", "job_parameters"))
     rows.sort()
-    unsendable = _end_unsendable_thd(rows)
-    if unsendable:
-        rows = [row for row in rows if row[0] not in unsendable]
-    orphans = [pk for pk, status, cluster_id, _ in rows
-               if cluster_id is None and status == JobStatus.PENDING]
-    assigned = _assign_clusters_thd(orphans) if orphans else {}
-    return [{"job": pk, "status": JobStatus(status), "cluster_id": cluster_id or assigned[pk],
-             "parameters": parameters}
-            for pk, status, cluster_id, parameters in rows
-            if cluster_id is not None or pk in assigned]
+    return _work_of_rows_thd(rows)
 
 
 def claim_work_thd(cluster_id, limit, max_bytes):

@@ -318,3 +318,20 @@ def services_environment():
                              check=True, capture_output=True).stdout.decode()
     found = dict(item.split("=", 1) for item in dumped.split("\0") if "=" in item)
     return {**found, **os.environ}
+
+
+def run_bench(script, arguments, tmp_path, timeout=240):
+    """Run bench/<script> as its own process on the test's database kind
+    (SQLite in tmp_path, or a PostgreSQL database of its own, which the
+    bench creates afresh and drops); returns what it printed."""
+    env = dict(os.environ)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env["HPC_TEST_SQLITE"] = str(tmp_path / "bench.sqlite3")
+    if env.get("HPC_TEST_DB") == "postgres":
+        env["HPC_TEST_DB_NAME"] = env.get("HPC_TEST_DB_NAME", "test_hpc") + "_bench"
+    else:
+        env.pop("HPC_TEST_DB_NAME", None)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *arguments],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

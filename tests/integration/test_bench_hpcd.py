@@ -2,28 +2,11 @@
 at a tiny size and prints its figures (the figures are for the README, not
 asserted)."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from harness import REPO
-
-
-def run_bench(script, arguments, tmp_path):
-    env = dict(os.environ)
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    env["HPC_TEST_SQLITE"] = str(tmp_path / "bench.sqlite3")
-    if env.get("HPC_TEST_DB") == "postgres":
-        env["HPC_TEST_DB_NAME"] = env.get("HPC_TEST_DB_NAME", "test_hpc") + "_bench"
-    else:
-        env.pop("HPC_TEST_DB_NAME", None)
-    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *arguments],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+from harness import run_bench
 
 
 @pytest.mark.parametrize("arguments", [

@@ -1,8 +1,6 @@
 """A job row is not deleted while its job may run on its cluster (issue 9 item 14)."""
 
 import pytest
-from django.contrib.auth.models import User
-from django.test import Client
 
 from djangoapp.models import HpcCluster, HpcJob, JobStatus
 from djangoapp.protocol import JobStillRunning
@@ -68,14 +66,6 @@ def test_a_subclass_row_is_refused_too(cluster):
     LabeledJob.objects.filter(pk=job.pk).update(job_status=JobStatus.COMPLETED)
     LabeledJob.objects.all().delete()
     assert not HpcJob.objects.exists()
-
-
-@pytest.fixture
-def admin_client(db):
-    User.objects.create_superuser("admin", "admin@example.org", "pw")
-    client = Client()
-    client.login(username="admin", password="pw")
-    return client
 
 
 def test_the_admin_delete_selected_warns_and_refuses(admin_client, cluster):
