@@ -147,7 +147,11 @@ class Dispatcher(service.Service):
             if job["status"] == JobStatus.PENDING:
                 self._round(job["cluster_id"]).more = True
             elif job["job"] in self._in_flight:
-                self._again.add(job["job"])
+                # Look again once answered only if Django asked for more
+                # (a cancel, a delete): a submit in flight is being answered,
+                # and the agent's SUBMITTED may not be stored by then.
+                if job["status"] != JobStatus.SUBMITTING:
+                    self._again.add(job["job"])
             elif self._answered.get(job["job"], -1) >= epoch:
                 pass  # answered since this was read: its state is on its way
             elif job["status"] == JobStatus.SUBMITTING:

@@ -221,6 +221,21 @@ def test_a_job_answered_while_a_lookup_ran_is_not_sent_again_from_it(env):
     assert env.session.requests == []
 
 
+def test_a_job_notified_while_its_submit_is_in_flight_is_sent_once(env):
+    """Another job's notification claims it; its own then finds it in flight.
+    The answer comes before the agent's SUBMITTED is stored: no second send."""
+    env.store.add(1, 1)
+    env.dispatcher.notify(1)
+    env.clock.advance(NOTIFY_SECONDS)
+    assert sizes(env.session) == [1]
+    env.dispatcher.notify(1)
+    env.clock.advance(NOTIFY_SECONDS)
+    env.session.answer(status=S.SUBMITTING)
+    env.clock.advance(NOTIFY_SECONDS)
+    assert env.session.requests == []
+    assert env.store.calls.count(("work_of", [1])) == 2
+
+
 def test_a_cancel_notified_while_the_submit_is_in_flight_is_sent_once_answered(env):
     env.store.add(1, 1)
     env.dispatcher.scan()
