@@ -110,7 +110,10 @@ def test_django_refuses_a_socket_bound_by_another_user(tmp_path, settings):
 
 def test_a_clean_stop_marks_clusters_offline(local_cluster, hpcd):
     from djangoapp.models import HpcCluster
+    from harness import wait_for
 
-    assert HpcCluster.objects.get(pk=local_cluster.pk).online
+    # is_connected() answers from hpcd's memory; the flag is stored a moment later.
+    wait_for(lambda: HpcCluster.objects.get(pk=local_cluster.pk).online,
+             what="hpcd to store the cluster as online")
     hpcd.stop()
     assert not HpcCluster.objects.get(pk=local_cluster.pk).online
