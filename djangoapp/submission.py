@@ -26,6 +26,12 @@ def parameters_limit():
                wire.MAX_CONTROL_MESSAGE - FRAME_OVERHEAD)
 
 
+def encoded_size(parameters):
+    """Bytes ``parameters`` take in a frame, as the wire encodes them;
+    TypeError or ValueError when they are not JSON (NaN, a set)."""
+    return len(_ENCODER.encode(parameters).encode("utf-8"))
+
+
 def check_parameters(job_id, parameters, limit):
     """Raise ParametersRefused unless ``parameters`` can travel to the agent:
     JSON as the wire encodes it, at most ``limit`` bytes
@@ -33,7 +39,7 @@ def check_parameters(job_id, parameters, limit):
     for good, its frame refused on every scan."""
     what = f"job {job_id}" if job_id else "a new job"
     try:
-        size = len(_ENCODER.encode(parameters).encode("utf-8"))
+        size = encoded_size(parameters)
     except (TypeError, ValueError) as e:
         raise ParametersRefused(f"the parameters of {what} are not JSON: {e}") from None
     if size > limit:

@@ -14,7 +14,6 @@ or it sat idle long enough for a server restart to have cut it, and closed
 if it no longer works; one a caller left outside autocommit is closed.
 """
 
-import json
 import threading
 import time
 from datetime import timedelta
@@ -295,7 +294,10 @@ def claim_work_thd(cluster_id, limit, max_bytes):
                 .order_by("pk").values_list("pk", "job_parameters")[:limit])
     batch, size = [], 0
     for pk, parameters in rows:
-        size += len(json.dumps(parameters, separators=(",", ":"))) + 32
+        try:
+            size += submission.encoded_size(parameters) + 32
+        except (TypeError, ValueError):
+            pass  # not JSON: _end_unsendable_thd ends it in ERROR below
         if batch and size > max_bytes:
             break
         batch.append((pk, parameters))
