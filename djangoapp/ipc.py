@@ -30,7 +30,7 @@ from djangoapp.conf import hpc_settings
 from djangoapp.protocol import (ERROR_CLASSES, TRAILER_OK, TRAILER_SIZE, UPLOAD_CHUNK_HEADER,
                                 HpcdError, TooLarge)
 
-__all__ = ["call", "open_stream", "send_stream", "HpcdUnavailable", "HpcdError"]
+__all__ = ["call", "tell", "open_stream", "send_stream", "HpcdUnavailable", "HpcdError"]
 
 
 class HpcdUnavailable(HpcdError):
@@ -98,6 +98,7 @@ def _peer_uid(sock):
 
 _local = threading.local()
 _tags = itertools.count(1)
+_LENGTH = struct.Struct("!H")  # AMP's key and value lengths
 
 
 class _Connection:
@@ -127,28 +128,36 @@ class _Connection:
     def send_box(self, box):
         self.sock.sendall(box.serialize())
 
-    def _read_exact(self, n):
-        while len(self._buffer) < n:
-            chunk = self.sock.recv(max(65536, n - len(self._buffer)))
+    def read_box(self):
+        """The next box.  Each key and value is parsed once, as soon as it
+        has arrived whole (one pass over what one recv() brought, instead of
+        a call per field)."""
+        box = amp.AmpBox()
+        buffer = self._buffer
+        while True:
+            position, end = 0, len(buffer)
+            while end - position >= 2:
+                (key_length,) = _LENGTH.unpack_from(buffer, position)
+                if key_length == 0:
+                    del buffer[:position + 2]
+                    return box
+                value_at = position + 4 + key_length
+                if end < value_at:
+                    break
+                (value_length,) = _LENGTH.unpack_from(buffer, value_at - 2)
+                if end < value_at + value_length:
+                    break
+                box[bytes(buffer[position + 2:value_at - 2])] = bytes(
+                    buffer[value_at:value_at + value_length])
+                position = value_at + value_length
+            del buffer[:position]
+            chunk = self.sock.recv(65536)
             if not chunk:
                 # The request went out and hpcd may have acted on it: not a
                 # dead cached connection, so call() must not send it again.
                 raise HpcdUnavailable("hpcd closed the connection before answering; "
                                       "the command may or may not have been carried out")
-            self._buffer += chunk
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
-
-    def read_box(self):
-        box = amp.AmpBox()
-        while True:
-            (length,) = struct.unpack("!H", self._read_exact(2))
-            if length == 0:
-                return box
-            key = self._read_exact(length)
-            (length,) = struct.unpack("!H", self._read_exact(2))
-            box[key] = self._read_exact(length)
+            buffer += chunk
 
     def read_raw(self, limit):
         """Up to ``limit`` bytes of the raw stream after a protocol switch."""
@@ -200,13 +209,7 @@ def call(command, /, timeout=None, **arguments):
     answer was lost mid-way is not repeated: it may have been acted on.
     """
     path = socket_path()
-    connection = getattr(_local, "connection", None)
-    if connection is not None and (connection.pid != os.getpid()
-                                   or getattr(_local, "path", None) != path):
-        # Another socket path, or a connection inherited across fork() (a
-        # pre-forking server): the parent's socket must not be shared.
-        connection.close()
-        connection = None
+    connection = _thread_connection(path)
     timeout = timeout or _timeout(command)
     for attempt in (1, 2):
         if connection is None:
@@ -236,6 +239,70 @@ def call(command, /, timeout=None, **arguments):
             connection.close()
             _local.connection = None
             raise HpcdUnavailable(f"talking to hpcd failed: {e}") from None
+
+
+def tell(command, /, timeout=None, **arguments):
+    """Send one command that wants no answer (``requiresAnswer = False``)
+    and return once it is written: no wait for hpcd to act on it.
+
+    Raises :class:`HpcdUnavailable` when hpcd cannot be reached or its socket
+    accepts nothing for ``timeout`` seconds (HPC_IPC_TIMEOUT).  A cached
+    connection that hpcd closed (it restarted) is noticed before writing and
+    replaced, so the command is not written into a dead socket.
+    """
+    path = socket_path()
+    connection = _thread_connection(path)
+    if connection is not None and _closed_by_peer(connection.sock):
+        connection.close()
+        _local.connection = connection = None
+    box = command.makeArguments(arguments, None)
+    box[b"_command"] = command.commandName
+    try:
+        if connection is None:
+            connection = _Connection(path, timeout or _timeout())
+            _local.connection, _local.path = connection, path
+        connection.sock.settimeout(timeout or _timeout())
+        connection.send_box(box)
+    except HpcdUnavailable:
+        raise
+    except socket.timeout:
+        _drop(connection)
+        raise HpcdUnavailable(f"hpcd accepted nothing within {timeout or _timeout():g} s") \
+            from None
+    except OSError as e:
+        _drop(connection)
+        raise HpcdUnavailable(f"talking to hpcd failed: {e}") from None
+
+
+def _thread_connection(path):
+    """This thread's cached connection to ``path``, if it may be used."""
+    connection = getattr(_local, "connection", None)
+    if connection is not None and (connection.pid != os.getpid()
+                                   or getattr(_local, "path", None) != path):
+        # Another socket path, or a connection inherited across fork() (a
+        # pre-forking server): the parent's socket must not be shared.
+        connection.close()
+        connection = _local.connection = None
+    return connection
+
+
+def _drop(connection):
+    if connection is not None:
+        connection.close()
+    _local.connection = None
+
+
+def _closed_by_peer(sock):
+    """Whether the other end closed ``sock`` (hpcd sends nothing unasked,
+    so a readable idle connection is one at its end of file).  Leaves
+    ``sock`` non-blocking: the caller sets its timeout."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def open_stream(command, /, **arguments):

@@ -74,16 +74,20 @@ def _status_name(status):
     return JobStatus(status).name if status is not None else "gone"
 
 
-def _notify_hpcd(job_id):
-    """Tell hpcd to act on a job now (0: scan for every job that needs it).
+def _notify_hpcd(job_id, status=None, cluster_id=None):
+    """Tell hpcd to act on a job now (0: scan for every job that needs it);
+    ``status`` and ``cluster_id`` are what was just stored, so that hpcd
+    need not look a PENDING job up.
 
-    Fire and forget, with a short timeout: hpcd also scans periodically, so
-    a stopped or hung hpcd only delays the job and never blocks the caller
-    for more than HPC_IPC_NOTIFY_TIMEOUT.
+    Fire and forget (protocol.Notify is written, not answered), with a short
+    timeout: hpcd also scans periodically, so a stopped or hung hpcd only
+    delays the job and never blocks the caller for more than
+    HPC_IPC_NOTIFY_TIMEOUT.
     """
+    hints = {k: v for k, v in (("status", status), ("cluster_id", cluster_id)) if v is not None}
     try:
-        ipc.call(protocol.Dispatch, timeout=float(hpc_settings.HPC_IPC_NOTIFY_TIMEOUT),
-                 job_id=job_id)
+        ipc.tell(protocol.Notify, timeout=float(hpc_settings.HPC_IPC_NOTIFY_TIMEOUT),
+                 job_id=job_id, **hints)
     except protocol.HpcdError as e:
         what = f"job {job_id}" if job_id else "the submitted jobs"
         log.info("%s will be dispatched when hpcd next scans: %s", what, e)
@@ -161,12 +165,12 @@ class HpcCluster(models.Model):
             return None
         if not answer["token_id"]:
             return None
-        if answer.get("purpose") is None:
+        if answer.get("token_purpose") is None:
             # An hpcd from before IsClusterOnline carried the token's fields.
             return WebsocketToken.objects.filter(pk=answer["token_id"]).first()
         values = {"id": answer["token_id"], "cluster_id": self.pk,
-                  "purpose": answer["purpose"], "created": answer["created"],
-                  "expires": answer["expires"], "used_at": answer["used_at"]}
+                  "purpose": answer["token_purpose"], "created": answer.get("token_created"),
+                  "expires": answer.get("token_expires"), "used_at": answer.get("token_used_at")}
         fields = [f.attname for f in WebsocketToken._meta.concrete_fields if f.attname in values]
         token = WebsocketToken.from_db(router.db_for_read(WebsocketToken), fields,
                                        [values[name] for name in fields])
@@ -540,7 +544,7 @@ class HpcJob(models.Model):
         return super().delete(*args, **kwargs)
 
     def _notify_hpcd(self):
-        _notify_hpcd(self.pk)
+        _notify_hpcd(self.pk, self.job_status, self.cluster_id)
 
     def _require_cluster(self):
         if self.cluster_id is None:

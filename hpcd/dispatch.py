@@ -20,7 +20,13 @@ shrink, down to MIN_BATCH, and grow back when answers are quick.  An agent
 too old for ``submit_many`` gets one ``submit`` per job instead.
 
 Notifications arriving within NOTIFY_SECONDS are looked up together, in one
-query: a burst of submit() calls costs one lookup per burst, not per job.
+query: a burst of submit() calls costs one lookup per burst, not per job.  A
+notification that says the job became PENDING on a known cluster (what
+submit() sends) needs no lookup at all: it only starts that cluster's round.
+When a claim finds fewer than MIN_BATCH jobs (submit() calls arriving one by
+one), the next claim waits for the batch in flight to be answered, so jobs
+that arrive meanwhile go out together instead of one claim, one request and
+one stored answer each.
 """
 
 import weakref
@@ -52,7 +58,7 @@ NOTIFY_SECONDS = 0.005
 class _Cluster:
     """One cluster's submission round."""
 
-    __slots__ = ("more", "claiming", "batches", "window", "size")
+    __slots__ = ("more", "claiming", "batches", "window", "size", "trickle")
 
     def __init__(self):
         self.more = False  # PENDING jobs may be waiting
@@ -60,6 +66,13 @@ class _Cluster:
         self.batches = 0  # batches sent and not yet answered
         self.window = 1
         self.size = BATCH  # jobs per batch
+        self.trickle = False  # the last claim was small: gather behind the batch in flight
+
+    def may_claim(self):
+        """Whether a claim may start now (``more`` aside)."""
+        if self.claiming or self.batches >= self.window:
+            return False
+        return not (self.trickle and self.batches)
 
     def answered(self, seconds, failed):
         """Adapt the window and the batch size to how the agent answered."""
@@ -84,6 +97,7 @@ class Dispatcher(service.Service):
         self._loop = None
         self._rounds = {}  # cluster id -> _Cluster
         self._notified = set()
+        self._pending = set()  # clusters told of a new PENDING job
         self._notify_call = None
         self._again = set()  # notified while in flight: looked at once answered
         # A lookup that started before a job's request was answered may read
@@ -108,16 +122,28 @@ class Dispatcher(service.Service):
         if self._notify_call is not None and self._notify_call.active():
             self._notify_call.cancel()
 
-    def notify(self, job_id):
+    def notify(self, job_id, status=None, cluster_id=None):
         """Django changed this job: act on it soon (notifications that come
-        together are looked up together)."""
-        self._notified.add(job_id)
+        together are looked up together).  ``status`` and ``cluster_id``, when
+        Django says what it stored, spare the lookup of a PENDING job: the
+        cluster's next claim takes it (or finds it gone: a claim is a
+        compare-and-set, so a stale hint costs nothing)."""
+        if status == JobStatus.PENDING and cluster_id and job_id:
+            self._pending.add(cluster_id)
+        else:
+            self._notified.add(job_id)
         if self._notify_call is None:
             self._notify_call = self._reactor.callLater(NOTIFY_SECONDS, self._look_up)
 
     def _look_up(self):
         self._notify_call = None
         job_ids, self._notified = sorted(self._notified), set()
+        pending, self._pending = self._pending, set()
+        for cluster_id in pending:
+            self._round(cluster_id).more = True
+            self._pump(cluster_id)
+        if not job_ids:
+            return defer.succeed(None)
         # 0: "every job that needs it" (HpcJob.objects.submit_many sends it).
         return self._run(None if 0 in job_ids else job_ids)
 
@@ -184,7 +210,7 @@ class Dispatcher(service.Service):
         """Claim the cluster's next batch if it may have one and the window
         has room."""
         state = self._round(cluster_id)
-        if (not state.more or state.claiming or state.batches >= state.window
+        if (not state.more or not state.may_claim()
                 or not self.running or self._clusters.session(cluster_id) is None):
             if not state.more and not state.claiming and not state.batches:
                 self._rounds.pop(cluster_id, None)
@@ -195,6 +221,7 @@ class Dispatcher(service.Service):
 
         def claimed(jobs):
             state.claiming = False
+            state.trickle = len(jobs) < MIN_BATCH
             if len(jobs) >= size:
                 state.more = True  # probably more where these came from
             if jobs:

@@ -139,7 +139,8 @@ def servers():
 def test_a_command_is_sent_as_one_box_and_its_answer_parsed(socket_path, servers):
     server = servers(socket_path, answer_with(token_id=b"42"))
     assert ipc.call(commands.IsClusterOnline, cluster_id=3) == {
-        "token_id": 42, "purpose": None, "created": None, "expires": None, "used_at": None}
+        "token_id": 42, "token_purpose": None, "token_created": None, "token_expires": None,
+        "token_used_at": None}
     ((_, box),) = server.received
     assert box[b"_command"] == b"IsClusterOnline"
     assert box[b"cluster_id"] == b"3"
@@ -353,3 +354,73 @@ def test_commands_that_wait_for_the_agent_get_longer_than_hpcd_gives_it(settings
     assert ipc._timeout(commands.IsClusterOnline) == 30
     settings.HPC_IPC_TIMEOUT = 500  # never shortened
     assert ipc._timeout(command) == 500
+
+
+# -- tell: commands that want no answer --------------------------------------------
+
+def wait_until(predicate, timeout=2.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_tell_writes_one_box_without_an_ask_tag_and_reads_nothing(socket_path, servers):
+    server = servers(socket_path, lambda box: SILENCE)  # a reading tell() would hang
+    started = time.monotonic()
+    assert ipc.tell(commands.Notify, job_id=7, status=10, cluster_id=2) is None
+    assert time.monotonic() - started < 1
+    wait_until(lambda: server.received)
+    ((_, box),) = server.received
+    assert box == {b"_command": b"Notify", b"job_id": b"7", b"status": b"10",
+                   b"cluster_id": b"2"}
+
+
+def test_tell_shares_the_threads_connection_with_call(socket_path, servers):
+    server = servers(socket_path, lambda box: (
+        amp.AmpBox(_answer=box[b"_ask"], token_id=b"5") if b"_ask" in box else SILENCE))
+    ipc.tell(commands.Notify, job_id=1)
+    assert ipc.call(commands.IsClusterOnline, cluster_id=1)["token_id"] == 5
+    ipc.tell(commands.Notify, job_id=2)
+    wait_until(lambda: len(server.received) == 3)
+    assert server.accepted == 1
+    assert [box[b"_command"] for _, box in server.received] == [
+        b"Notify", b"IsClusterOnline", b"Notify"]
+
+
+def test_tell_does_not_write_into_a_connection_hpcd_closed(socket_path, servers):
+    """A write into a socket whose peer closed succeeds once and is lost;
+    tell() notices the close first and writes on a new connection."""
+    first = servers(socket_path, lambda box: SILENCE)
+    ipc.tell(commands.Notify, job_id=1)
+    wait_until(lambda: first.received)
+    first.stop()
+    second = servers(socket_path, lambda box: SILENCE)
+    ipc.tell(commands.Notify, job_id=2)
+    wait_until(lambda: second.received)
+    assert [box[b"job_id"] for _, box in second.received] == [b"2"]
+
+
+def test_tell_to_an_absent_hpcd_raises_hpcd_unavailable(socket_path):
+    with pytest.raises(ipc.HpcdUnavailable, match="cannot reach hpcd"):
+        ipc.tell(commands.Notify, timeout=0.2, job_id=1)
+    assert getattr(ipc._local, "connection", None) is None
+
+
+@pytest.mark.parametrize("value", [
+    "2026-12-05T12:00:00.123456+00:00", "1969-07-20T20:17:40+00:00",
+    "2026-06-01T10:00:00.000001+10:00"])
+def test_utc_microseconds_carry_an_aware_time_exactly(value):
+    import datetime
+
+    moment = datetime.datetime.fromisoformat(value)
+    argument = commands.UTCMicroseconds()
+    back = argument.fromString(argument.toString(moment))
+    assert back == moment and back.utcoffset() == datetime.timedelta(0)
+
+
+def test_utc_microseconds_refuse_a_naive_time():
+    import datetime
+
+    with pytest.raises(ValueError, match="naive"):
+        commands.UTCMicroseconds().toString(datetime.datetime(2026, 1, 1))

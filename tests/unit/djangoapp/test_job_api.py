@@ -30,7 +30,7 @@ def no_hpcd(settings, tmp_path):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Every ipc.call, recorded; hpcd answers nothing (an empty dict)."""
+    """Every ipc.call and ipc.tell, recorded; hpcd answers nothing (an empty dict)."""
     made = []
 
     def call(command, /, timeout=None, **arguments):
@@ -38,6 +38,7 @@ def calls(monkeypatch):
         return {}
 
     monkeypatch.setattr(ipc, "call", call)
+    monkeypatch.setattr(ipc, "tell", call)
     return made
 
 
@@ -66,7 +67,8 @@ def test_cancelling_a_sent_job_of_a_subclass_tells_hpcd_at_once(
     job = Job.objects.create(name="running", job_status=S.RUNNING)
     with django_capture_on_commit_callbacks(execute=True):
         assert job.cancel() == S.CANCELLING
-    assert [(c, a) for c, _, a in calls] == [(protocol.Dispatch, {"job_id": job.pk})]
+    assert [(c, a) for c, _, a in calls] == [
+        (protocol.Notify, {"job_id": job.pk, "status": S.CANCELLING})]
 
 
 def test_job_status_display_and_display_name_are_the_seeds():
@@ -127,7 +129,17 @@ def test_submit_tells_hpcd_with_the_short_notification_timeout(
     job = HpcJob.objects.create()
     with django_capture_on_commit_callbacks(execute=True):
         job.submit({"script": "true"})
-    assert calls == [(protocol.Dispatch, 0.25, {"job_id": job.pk})]
+    assert calls == [(protocol.Notify, 0.25, {"job_id": job.pk, "status": S.PENDING})]
+
+
+def test_submit_tells_hpcd_the_cluster_so_that_it_needs_no_lookup(
+        db, calls, django_capture_on_commit_callbacks):
+    cluster = HpcCluster.objects.create(host_name="h", client_path="/a", online=True)
+    job = HpcJob.objects.create()
+    with django_capture_on_commit_callbacks(execute=True):
+        job.submit({"script": "true"})
+    assert [(c, a) for c, _, a in calls] == [
+        (protocol.Notify, {"job_id": job.pk, "status": S.PENDING, "cluster_id": cluster.pk})]
 
 
 def test_a_hung_hpcd_costs_submit_only_the_notification_timeout(
@@ -162,7 +174,7 @@ def test_submit_many_inserts_new_jobs_pending_with_one_notification(
     assert {(r.job_status, r.cluster_id) for r in rows} == {(S.PENDING, cluster.pk)}
     assert sorted(r.job_parameters["n"] for r in rows) == list(range(1200))
     assert HpcJobStatusChange.objects.filter(new_status=S.PENDING).count() == 1200
-    assert calls == [(protocol.Dispatch, 0.5, {"job_id": 0})]
+    assert calls == [(protocol.Notify, 0.5, {"job_id": 0})]
 
 
 def test_submit_many_of_a_subclass_fills_both_tables(db, settings, calls):
@@ -222,8 +234,8 @@ def test_is_connected_builds_the_token_from_hpcds_answer_without_a_query(
     row, _ = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
     row = WebsocketToken.objects.get(pk=row.pk)
     monkeypatch.setattr(ipc, "call", lambda command, **kw: {
-        "token_id": row.pk, "purpose": row.purpose, "created": row.created,
-        "expires": row.expires, "used_at": timezone.now()})
+        "token_id": row.pk, "token_purpose": row.purpose, "token_created": row.created,
+        "token_expires": row.expires, "token_used_at": timezone.now()})
     with django_assert_num_queries(0):
         token = cluster.is_connected()
         assert (token.pk, token.cluster, token.purpose, token.created) == (
@@ -236,8 +248,8 @@ def test_is_connected_with_an_older_hpcds_answer_loads_the_token(db, monkeypatch
     cluster = HpcCluster.objects.create(host_name="h", client_path="/a")
     row, _ = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
     monkeypatch.setattr(ipc, "call", lambda command, **kw: {
-        "token_id": row.pk, "purpose": None, "created": None, "expires": None,
-        "used_at": None})
+        "token_id": row.pk, "token_purpose": None, "token_created": None,
+        "token_expires": None, "token_used_at": None})
     assert cluster.is_connected() == row
     monkeypatch.setattr(ipc, "call", lambda command, **kw: {"token_id": 0})
     assert cluster.is_connected() is None

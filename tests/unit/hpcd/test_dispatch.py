@@ -287,3 +287,58 @@ def test_batches_never_shrink_below_the_minimum(env):
         env.clock.advance(dispatch.WINDOW_TARGET_SECONDS + 1)
         env.session.answer()
     assert sizes(env.session) == [dispatch.MIN_BATCH]
+
+
+def test_a_pending_job_on_a_known_cluster_is_claimed_without_a_lookup(env):
+    """What submit() sends: the state and the cluster it stored."""
+    env.store.add(1, 3)
+    for job in (1, 2, 3):
+        env.dispatcher.notify(job, S.PENDING, 1)
+    env.clock.advance(NOTIFY_SECONDS)
+    assert env.store.calls == [("claim_work", 1)]
+    assert sizes(env.session) == [3]
+
+
+def test_a_hint_that_is_stale_costs_an_empty_claim_and_sends_nothing(env):
+    env.store.add(1, 1, status=S.CANCELLED)
+    env.dispatcher.notify(1, S.PENDING, 1)
+    env.clock.advance(NOTIFY_SECONDS)
+    assert env.store.calls == [("claim_work", 1)]
+    assert env.session.requests == []
+    assert env.dispatcher._rounds == {}
+
+
+def test_other_notifications_are_still_looked_up(env):
+    env.store.add(1, 1, status=S.CANCELLING)
+    env.dispatcher.notify(1, S.CANCELLING, 1)
+    env.dispatcher.notify(2, S.PENDING, None)  # no cluster chosen: hpcd looks
+    env.clock.advance(NOTIFY_SECONDS)
+    assert env.store.calls == [("work_of", [1, 2])]
+    assert [(m, f["job"]) for m, f, _ in env.session.requests] == [("cancel", 1)]
+
+
+def test_jobs_trickling_in_gather_behind_the_batch_in_flight(env):
+    """submit() calls one by one: after a small claim the next waits for the
+    answer, so what arrived meanwhile goes out as one batch."""
+    env.store.add(1, 1)
+    env.dispatcher.notify(1, S.PENDING, 1)
+    env.clock.advance(NOTIFY_SECONDS)
+    assert sizes(env.session) == [1]
+    for job in range(2, 8):
+        env.store.add(job, 1)
+        env.dispatcher.notify(job, S.PENDING, 1)
+        env.clock.advance(NOTIFY_SECONDS)
+    assert sizes(env.session) == [1]  # nothing claimed while the first is in flight
+    assert env.store.calls.count(("claim_work", 1)) == 1
+    env.session.answer()
+    assert sizes(env.session) == [6]
+    env.session.answer()
+    assert all(env.store.status(j) == S.SUBMITTED for j in env.store.jobs)
+    assert env.store.calls.count(("claim_work", 1)) == 2
+
+
+def test_a_full_claim_keeps_the_window_of_batches_in_flight(env):
+    env.store.add(1, BATCH * 3)
+    env.dispatcher.scan()
+    env.session.answer()
+    assert sizes(env.session) == [BATCH, BATCH]  # not held back behind the first

@@ -124,9 +124,9 @@ def test_is_cluster_online_answers_the_live_token_from_memory(call, daemon):
     assert call(commands.IsClusterOnline, cluster_id=1)["token_id"] == 0
     daemon.clusters.sessions[1] = FakeSession(1)
     answer = call(commands.IsClusterOnline, cluster_id=1)
-    assert answer["token_id"] == 41 and answer["purpose"] == "agent"
-    assert answer["created"] == datetime.datetime(2026, 1, 2, tzinfo=UTC)
-    assert answer["expires"] is None
+    assert answer["token_id"] == 41 and answer["token_purpose"] == "agent"
+    assert answer["token_created"] == datetime.datetime(2026, 1, 2, tzinfo=UTC)
+    assert answer["token_expires"] is None
 
 
 def test_dispatch_answers_at_once_and_the_work_goes_on(call, daemon):
@@ -289,3 +289,44 @@ def test_arguments_the_agents_protocol_cannot_carry_are_a_bad_request(call, daem
     assert result.value.errorCode == commands.BAD_REQUEST
     assert "JSON object" in result.value.description
     assert failures == []
+
+
+def test_notify_needs_no_ask_tag_is_never_answered_and_passes_the_hints(daemon, failures):
+    from twisted.internet.testing import StringTransport
+
+    daemon.dispatcher.notify = lambda *args: daemon.dispatcher.notified.append(args)
+    server = ControlProtocol(daemon)
+    transport = StringTransport()
+    server.makeConnection(transport)
+    for arguments in ({"job_id": 5, "status": 10, "cluster_id": 2}, {"job_id": 0}):
+        box = commands.Notify.makeArguments(arguments, None)
+        box[b"_command"] = b"Notify"
+        server.dataReceived(box.serialize())
+    assert daemon.dispatcher.notified == [(5, 10, 2), (0, None, None)]
+    assert transport.value() == b"" and not transport.disconnecting
+    assert failures == []
+
+
+def test_answers_at_once_are_the_same_as_amps_dispatch(call, daemon, monkeypatch):
+    """IsClusterOnline and Dispatch skip AMP's Deferreds (hpcd.ipc._AT_ONCE);
+    the client cannot tell the difference."""
+    from hpcd import ipc as server_ipc
+
+    daemon.clusters.sessions[1] = FakeSession(1)
+    fast = [call(commands.IsClusterOnline, cluster_id=1), call(commands.Dispatch, job_id=4)]
+    monkeypatch.setattr(server_ipc, "_AT_ONCE", {})
+    slow = [call(commands.IsClusterOnline, cluster_id=1), call(commands.Dispatch, job_id=4)]
+    assert fast == slow and fast[0]["token_purpose"] == "agent"
+    assert daemon.dispatcher.notified == [4, 4]
+
+
+def test_a_bug_in_an_answer_at_once_is_answered_and_logged_as_amp_does(call, daemon,
+                                                                        failures):
+    """The fast path leaves a failing responder to AMP's dispatch: the
+    client gets an error, not silence, and the bug is logged."""
+    daemon.clusters.sessions[1] = FakeSession(1)
+    daemon.clusters.sessions[1].claim = None  # a bug: .get() fails
+    with pytest.raises(amp.UnknownRemoteError):
+        call(commands.IsClusterOnline, cluster_id=1)
+    assert len(failures) == 1
+    failures.clear()
