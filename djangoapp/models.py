@@ -471,22 +471,27 @@ class HpcJob(models.Model):
         """
         _require_job_class(type(self))
         submission.check_parameters(self.pk, parameters, submission.parameters_limit())
-        if self.pk is None:
-            self.save()
-        if self.cluster_id is None:
-            self.cluster = self.choose_cluster(parameters)
-        if model_receivers(type(self)):
-            self._submit_through_model(parameters)
-        else:
+        using = router.db_for_write(type(self), instance=self)
+        # One transaction (one commit, the costly part on PostgreSQL), with
+        # no savepoint inside a caller's: a refusal is raised after it, so a
+        # caller's transaction that catches JobStateError goes on.
+        with transaction.atomic(using=using, savepoint=False):
+            if self.pk is None:
+                self.save(using=using)
+            if self.cluster_id is None:
+                self.cluster = self.choose_cluster(parameters)
             applied, old = transitions.apply(
                 self.pk, JobStatus.PENDING, "django", instance=self,
                 extra={"job_parameters": parameters, "cluster_id": self.cluster_id})
-            if not applied:
-                raise JobStateError(_not_a_draft(self.pk, old))
-        transaction.on_commit(self._notify_hpcd)
+            if applied:
+                transaction.on_commit(self._notify_hpcd, using=using)
+        if not applied:
+            raise JobStateError(_not_a_draft(self.pk, old))
         return JobStatus.PENDING
 
     def _submit_through_model(self, parameters):
+        """submit_many()'s way for a class with model receivers: each job
+        saved through the model, in the caller's transaction."""
         if self.pk is None:
             self.save()
         applied, old = transitions.apply(

@@ -107,6 +107,32 @@ def test_submit_makes_three_queries_whatever_the_database_holds(
     assert job.cluster.online
 
 
+def test_submit_of_a_new_job_is_one_transaction(transactional_db, calls, monkeypatch):
+    """The row, the cluster's choice and the change commit together (one
+    commit, not two): a failure half-way leaves no DRAFT row behind."""
+    from djangoapp import transitions
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(transitions, "apply", fail)
+    with pytest.raises(RuntimeError):
+        HpcJob().submit({"script": "true"})
+    assert not HpcJob.objects.exists()
+    assert calls == []
+
+
+def test_a_refused_submit_inside_a_callers_transaction_leaves_it_usable(db, calls):
+    from django.db import transaction
+
+    job = HpcJob.objects.create(job_status=S.PENDING)
+    with transaction.atomic():
+        with pytest.raises(JobStateError):
+            job.submit({"script": "true"})
+        HpcJob.objects.create()  # no TransactionManagementError
+    assert HpcJob.objects.count() == 2
+
+
 def test_submit_of_a_job_with_a_cluster_keeps_it_and_asks_no_one(
         db, calls, monkeypatch, django_assert_num_queries):
     chosen = HpcCluster.objects.create(host_name="mine", client_path="/a", online=False)
