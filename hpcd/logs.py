@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 
 from twisted.logger import (FileLogObserver, FilteringLogObserver, ILogObserver, LogLevel,
                             LogLevelFilterPredicate, PredicateResult, formatEvent,
-                            formatEventAsClassicLogText)
+                            formatEventAsClassicLogText, formatTime)
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
@@ -99,8 +99,32 @@ def json_lines_observer(out):
     return FileLogObserver(out, event_as_json)
 
 
+class _TimeOncePerSecond:
+    """Twisted's formatTime for log lines, worked out once per second.
+
+    A time with its UTC offset costs more than the rest of a line; a busy
+    hpcd writes thousands of job events a second.  Lines come from the
+    reactor and the database threads: the cache is one tuple, replaced
+    whole."""
+
+    def __init__(self):
+        self._cached = (None, "")
+
+    def __call__(self, when):
+        if when is None:
+            return formatTime(when)
+        second = int(when)
+        cached_second, text = self._cached
+        if second != cached_second:
+            text = formatTime(second)
+            self._cached = (second, text)
+        return text
+
+
 def text_observer(out):
-    return FileLogObserver(out, lambda event: formatEventAsClassicLogText(event))
+    format_time = _TimeOncePerSecond()
+    return FileLogObserver(out, lambda event: formatEventAsClassicLogText(
+        event, formatTime=format_time))
 
 
 # -- rate limiting --------------------------------------------------------------

@@ -104,3 +104,19 @@ def test_twistd_keeps_its_own_observer_with_logger_or_syslog():
     assert logs.observer_for({"logger": "x.y", "logfile": None}, "text", 5) == (None, None)
     assert logs.observer_for({"syslog": True}, "json", 5) == (None, None)
     assert logs.observer_for(None, "text", 5) == (None, None)
+
+
+def test_text_lines_carry_twisteds_time_worked_out_once_a_second(monkeypatch):
+    from twisted.logger import formatTime
+
+    made = []
+    monkeypatch.setattr(logs, "formatTime", lambda when: made.append(when) or formatTime(when))
+    out = io.StringIO()
+    observer = logs.text_observer(out)
+    for when in (1_780_000_000.1, 1_780_000_000.9, 1_780_000_001.0, 1_780_000_001.5):
+        observer({"log_time": when, "log_format": "x", "log_namespace": "t",
+                  "log_level": LogLevel.info})
+    stamps = [line.split(" ")[0] for line in out.getvalue().splitlines()]
+    assert stamps == [formatTime(w) for w in (1_780_000_000.1, 1_780_000_000.9,
+                                               1_780_000_001.0, 1_780_000_001.5)]
+    assert made == [1_780_000_000, 1_780_000_001]
