@@ -330,3 +330,33 @@ def test_a_bug_in_an_answer_at_once_is_answered_and_logged_as_amp_does(call, dae
         call(commands.IsClusterOnline, cluster_id=1)
     assert len(failures) == 1
     failures.clear()
+
+
+class WritingTransport:
+    """A StringTransport that also counts doWrite(), as a socket's transport has."""
+
+    def __init__(self, disconnecting=False):
+        from twisted.internet.testing import StringTransport
+
+        self.inner = StringTransport()
+        self.connected = True
+        self.disconnecting = disconnecting
+        self.writes_now = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def doWrite(self):
+        self.writes_now += 1
+
+
+@pytest.mark.parametrize("disconnecting", [False, True])
+def test_an_answer_at_once_is_written_out_before_the_next_poll(daemon, disconnecting):
+    server = ControlProtocol(daemon)
+    transport = WritingTransport(disconnecting)
+    server.makeConnection(transport)
+    box = commands.IsClusterOnline.makeArguments({"cluster_id": 1}, None)
+    box.update({b"_command": b"IsClusterOnline", b"_ask": b"1"})
+    server.dataReceived(box.serialize())
+    assert transport.writes_now == (0 if disconnecting else 1)
+    assert b"token_id" in transport.inner.value()
