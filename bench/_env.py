@@ -70,8 +70,18 @@ def peak_rss_mib(pid):
     return _status_mib(pid, "VmHWM")
 
 
-def cpu_seconds(pid):
-    """User and system CPU time the process has used, seconds."""
+def _stat_seconds(pid, first):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """User and system CPU time the process has used, seconds."""
+    return _stat_seconds(pid, 11)
+
+
+def children_cpu_seconds(pid):
+    """User and system CPU time of the process's children that it has
+    waited for (e.g. hpcd's agent launch commands), seconds."""
+    return _stat_seconds(pid, 13)

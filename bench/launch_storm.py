@@ -6,9 +6,10 @@ A real hpcd and ``--agents`` clusters on localhost, each with an agent
 directory of its own (real agents, real processes).  Every cluster is asked
 to connect at once (HpcCluster.try_connect()); prints the seconds until
 all are connected, until half were, the CPU time one agent took to start
-(its import of Twisted, Autobahn and the agent's modules) and hpcd's CPU
-time meanwhile.  Then the
-agents are stopped.  Prints ``name: value unit`` lines.
+(its import of Twisted, Autobahn and the agent's modules), the CPU time of
+all the launch commands (each a foreground process that checks the
+settings, forks the agent and waits for its word) and hpcd's CPU time
+meanwhile.  Then the agents are stopped.  Prints ``name: value unit`` lines.
 """
 
 import argparse
@@ -17,7 +18,7 @@ import statistics
 import sys
 import time
 
-from _env import cpu_seconds, django_environment
+from _env import children_cpu_seconds, cpu_seconds, django_environment
 
 
 def main():
@@ -37,6 +38,7 @@ def main():
         print(f"pids: hpcd {daemon.process.pid}", file=sys.stderr, flush=True)
         try:
             hpcd_cpu = cpu_seconds(daemon.process.pid)
+            launch_cpu = children_cpu_seconds(daemon.process.pid)
             started = time.monotonic()
             for cluster in clusters:
                 cluster.try_connect()
@@ -52,10 +54,13 @@ def main():
                      what=f"{args.agents} agents to be online")
             times = sorted(online_at.values())
             hpcd_cpu = cpu_seconds(daemon.process.pid) - hpcd_cpu
+            launch_cpu = children_cpu_seconds(daemon.process.pid) - launch_cpu
             cpu = [cpu_seconds(pid) for pid in map(agent_pid, directories) if pid]
             print(f"launch_storm_{args.agents}: {times[-1]:.2f} s until all online")
             print(f"launch_storm_{args.agents}_half: {times[len(times) // 2]:.2f} s")
             print(f"agent_start_cpu: {statistics.median(cpu):.2f} s (median of {len(cpu)})")
+            print(f"launch_storm_{args.agents}_launch_cpu: {launch_cpu:.2f} s "
+                  "(all launch commands)")
             print(f"launch_storm_{args.agents}_hpcd_cpu: {hpcd_cpu:.2f} s")
         finally:
             daemon.stop()

@@ -13,7 +13,6 @@ Used by the agent and by hpcd.  Elsewhere than glibc it does nothing.
 """
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -22,11 +21,11 @@ M_MMAP_THRESHOLD = -3
 def keep_freed_memory(trim_bytes=64 * 2**20, mmap_bytes=16 * 2**20):
     """Keep up to ``trim_bytes`` of freed heap for reuse, and serve blocks
     under ``mmap_bytes`` from the heap.  Returns True where it applied."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        # The C library Python runs on, already loaded: no
+        # ctypes.util.find_library, which runs ldconfig in a subprocess at
+        # every agent start.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False  # not glibc
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

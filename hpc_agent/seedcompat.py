@@ -33,7 +33,6 @@ a scheduler file next to ``settings.py`` is named ``mysite.MySlurm``.
 """
 
 import importlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
@@ -70,8 +69,14 @@ MODULES = {
 }
 
 
-class SeedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds the seed's module names (first on ``sys.meta_path``)."""
+class SeedFinder:
+    """Finds the seed's module names (first on ``sys.meta_path``).
+
+    A meta path finder and loader by protocol (``find_spec``,
+    ``create_module``, ``exec_module``), not by subclassing importlib.abc's
+    classes: importlib.abc imports importlib.resources, a few ms more of
+    every agent start, which hpcd may do fifty times at once.
+    """
 
     def __init__(self):
         self.base_dir = None

@@ -389,10 +389,13 @@ class AgentSession:
     def _take_over(self, message):
         self.hello = message
         d = self.daemon.clusters.agent_hello(self)
-        d.addCallback(lambda _: self.daemon.store.installation_id())
-        d.addCallback(lambda installation: setattr(self, "installation", installation))
-        d.addCallback(lambda _: self.daemon.store.issue_token(self.cluster_id, "resume", None))
-        d.addCallback(lambda token: self.took_over(token[1]))
+        d.addCallback(lambda _: self.daemon.store.welcome(self.cluster_id))
+
+        def welcome(answer):
+            self.installation, (_, secret) = answer
+            self.took_over(secret)
+
+        d.addCallback(welcome)
 
         def failed(f):
             log.failure("greeting cluster {id} failed", f, id=self.cluster_id)

@@ -341,13 +341,12 @@ class ClusterManager(service.Service):
     def launch(self, link):
         cluster_id = link.cluster_id
         try:
-            info = yield self._store.cluster(cluster_id)
-            if info is None:
+            prepared = yield self._store.prepare_launch(
+                cluster_id, int(self._settings.HPC_TOKEN_TTL_SECONDS))
+            if prepared is None:
                 raise LaunchFailed("the cluster no longer exists")
+            info, (_, secret) = prepared
             self.infos[cluster_id] = info
-            _, secret = yield self._store.issue_token(
-                cluster_id, "agent", int(self._settings.HPC_TOKEN_TTL_SECONDS))
-            yield self._store.set_cluster_detail(cluster_id, "launching the agent")
             output = yield self._launcher.launch(info, self._public_url(), secret)
         except (LaunchFailed, CredentialKeyError) as e:
             self._input(link, link.launch_failed, str(e))

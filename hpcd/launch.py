@@ -5,9 +5,9 @@ with a single JSON line on its standard input (the single-use token and the
 URL to connect to), never in its arguments or environment.  The command
 returns once the agent has detached and holds its directory (see
 ``hpc_agent.__main__``), so its exit status and output are the launch's
-verdict.  For ``localhost`` this runs as a local process (hpcd.shells.run_local);
-other hosts go over SSH (hpcd.ssh.run_command).  Both give a CommandResult,
-judged the same way.
+verdict.  For ``localhost`` /bin/sh runs it as a local process
+(hpcd.shells.run_local); other hosts go over SSH (hpcd.ssh.run_command).
+Both give a CommandResult, judged the same way.
 """
 
 import collections
@@ -19,7 +19,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from hpcd import ssh
-from hpcd.shells import run_local, ssh_target
+from hpcd.shells import SH, run_local, ssh_target
 
 log = Logger()
 
@@ -120,8 +120,11 @@ class LocalLauncher:
                 f"{python} not found: create the agent's virtual environment there "
                 "(see the README, 'Installing an agent')"))
         env = {k: v for k, v in os.environ.items() if k in _AGENT_ENVIRONMENT}
-        ran = run_local(self._reactor, [python, "-m", "hpc_agent"], stdin=launch_input(url, token),
-                        timeout=self._timeout, env=env, path=directory)
+        # The command an SSH launch runs, by the shell: given a working
+        # directory instead, Twisted forks hpcd (a copy of its memory for each
+        # of fifty agents launched at once) where it can use posix_spawn.
+        ran = run_local(self._reactor, [SH, "-c", agent_command(directory)],
+                        stdin=launch_input(url, token), timeout=self._timeout, env=env)
         return ran.addCallbacks(_verdict, _launch_failed)
 
 

@@ -26,7 +26,8 @@ from hpcd import ssh
 
 log = Logger()
 
-_SH = "/bin/sh"
+#: The shell that runs commands on hpcd's own host (LocalShell, local agent launches).
+SH = "/bin/sh"
 _WHO = "cluster 'localhost'"
 
 
@@ -49,7 +50,7 @@ def run_local(reactor, args, stdin=b"", timeout=60, env=None, path=None,
     ``max_output`` bytes or it cannot be started; the process is then killed.
     A non-zero exit status is a result, not an error.
     """
-    shown = ssh.show_command(args[2] if args[:2] == [_SH, "-c"] else shlex.join(args))
+    shown = ssh.show_command(args[2] if args[:2] == [SH, "-c"] else shlex.join(args))
     process = _LocalProcess(shown, stdin, max_output)
     try:
         reactor.spawnProcess(process, args[0], args, env=env, path=path)
@@ -130,7 +131,7 @@ class LocalShell:
 
     def run(self, command, stdin=b"", timeout=60, max_output=ssh.MAX_OUTPUT_BYTES):
         """Run ``command``; fires with a CommandResult or fails with SSHError (see run_local)."""
-        return run_local(self._reactor, [_SH, "-c", command], stdin=stdin, timeout=timeout,
+        return run_local(self._reactor, [SH, "-c", command], stdin=stdin, timeout=timeout,
                          max_output=max_output)
 
     def close(self):

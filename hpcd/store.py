@@ -84,6 +84,21 @@ def _arm_resume_tokens(tokens, ttl):
         expires=timezone.now() + timedelta(seconds=ttl))
 
 
+def prepare_launch_thd(cluster_id, ttl):
+    """What launching a cluster's agent needs, in one transaction (one round
+    trip of fifty when hpcd launches fifty agents at once): ``(cluster,
+    (token_id, secret))``, the cluster as :func:`cluster_thd` gives it and a
+    new agent token valid ``ttl`` seconds, its detail now "launching the
+    agent"; None if the cluster is gone."""
+    with transaction.atomic():
+        info = cluster_thd(cluster_id)
+        if info is None:
+            return None
+        row, secret = WebsocketToken.objects.issue(cluster_id, "agent", ttl)
+        HpcCluster.objects.filter(pk=cluster_id).update(status_detail="launching the agent")
+    return info, (row.pk, secret)
+
+
 def set_cluster_detail_thd(cluster_id, detail):
     HpcCluster.objects.filter(pk=cluster_id).update(status_detail=detail)
 
@@ -91,6 +106,13 @@ def set_cluster_detail_thd(cluster_id, detail):
 def installation_id_thd():
     """This installation's id (HpcInstallation), as hpcd's welcome sends it."""
     return str(HpcInstallation.current().installation_id)
+
+
+def welcome_thd(cluster_id):
+    """What hpcd's welcome to a cluster's new agent carries, in one round trip:
+    ``(installation id, (token_id, secret))``, the secret a new resume token
+    (which revokes the older ones, see :func:`issue_token_thd`)."""
+    return installation_id_thd(), issue_token_thd(cluster_id, "resume", None)
 
 
 # -- tokens ----------------------------------------------------------------------
@@ -552,8 +574,14 @@ class Store(service.Service):
     def set_cluster_detail(self, cluster_id, detail):
         return self.run(set_cluster_detail_thd, cluster_id, detail)
 
+    def prepare_launch(self, cluster_id, ttl):
+        return self.run(prepare_launch_thd, cluster_id, ttl)
+
     def installation_id(self):
         return self.run(installation_id_thd)
+
+    def welcome(self, cluster_id):
+        return self.run(welcome_thd, cluster_id)
 
     # -- tokens ------------------------------------------------------------------
 

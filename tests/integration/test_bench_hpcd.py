@@ -24,6 +24,8 @@ def test_the_launch_storm_bench_runs_at_a_small_size(tmp_path):
     out = run_bench("launch_storm.py", ["--agents", "3", "--timeout", "120"], tmp_path)
     assert re.search(r"^launch_storm_3: [\d.]+ s until all online$", out, re.M), out
     assert re.search(r"^agent_start_cpu: [\d.]+ s \(median of 3\)$", out, re.M), out
+    assert re.search(r"^launch_storm_3_launch_cpu: [\d.]+ s \(all launch commands\)$", out,
+                     re.M), out
 
 
 def test_the_lookups_bench_runs_at_a_small_size(tmp_path):

@@ -48,11 +48,8 @@ class Store:
         self.claims.append((secret, d))
         return d
 
-    def issue_token(self, cluster_id, purpose, ttl):
-        return defer.succeed((99, "resume-secret"))
-
-    def installation_id(self):
-        return defer.succeed("5f0c6f4e-0000-4000-8000-000000000001")
+    def welcome(self, cluster_id):
+        return defer.succeed(("5f0c6f4e-0000-4000-8000-000000000001", (99, "resume-secret")))
 
     def apply_updates(self, cluster_id, updates):
         return defer.succeed([u["seq"] for u in updates])

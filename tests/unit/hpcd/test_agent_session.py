@@ -35,12 +35,10 @@ class FakeStore:
         self.writes.append((cluster_id, [u["seq"] for u in updates], d))
         return d
 
-    def issue_token(self, cluster_id, purpose, ttl):
-        self.tokens.append((cluster_id, purpose, ttl))
-        return defer.succeed((100 + len(self.tokens), f"secret-{len(self.tokens)}"))
-
-    def installation_id(self):
-        return defer.succeed(INSTALLATION)
+    def welcome(self, cluster_id):
+        self.tokens.append((cluster_id, "resume"))
+        return defer.succeed((INSTALLATION,
+                              (100 + len(self.tokens), f"secret-{len(self.tokens)}")))
 
 
 class FakeClusters:
@@ -134,7 +132,7 @@ def test_hello_is_answered_with_welcome_and_a_fresh_resume_token(session, protoc
                                  "cluster": "3", "resume_token": "secret-1",
                                  "resume_grace_seconds": 15.0,
                                  "installation": INSTALLATION}]
-    assert daemon.store.tokens == [(3, "resume", None)]
+    assert daemon.store.tokens == [(3, "resume")]
     assert daemon.clusters.events == ["hello", "ready"]
     assert session.ready and session.hello["hostname"] == "login1"
 

@@ -16,13 +16,14 @@ class RecordingStore:
         self.states.append((cluster_id, online, detail))
         return defer.succeed(None)
 
-    def cluster(self, cluster_id):
+    def prepare_launch(self, cluster_id, ttl):
         self.launches += 1
         return defer.Deferred()  # a launch that never completes
 
 
 class Settings:
     HPC_AGENT_RESUME_TOKEN_TTL_SECONDS = 3600.0
+    HPC_TOKEN_TTL_SECONDS = 60
 
 
 class Session:

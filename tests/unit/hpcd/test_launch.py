@@ -3,7 +3,6 @@ fake processes, the SSH launcher with a fake ssh.run_command checked against
 the real one, and both judging a launch command's result alike."""
 
 import json
-import os
 import signal
 
 import pytest
@@ -73,14 +72,15 @@ def test_a_missing_virtual_environment_says_how_to_make_one(tmp_path):
     assert reactor.processes == []
 
 
-def test_the_agent_starts_in_its_directory_with_the_token_on_stdin_only(agent_dir, monkeypatch):
+def test_the_agent_starts_by_the_ssh_launch_command_with_the_token_on_stdin_only(agent_dir,
+                                                                              monkeypatch):
     monkeypatch.setenv("HPC_CREDENTIALS_KEY", "not for the agent")
     monkeypatch.setenv("LANG", "C.UTF-8")
     reactor, d = local_launch(agent_dir)
     [process] = reactor.processes
-    python = os.path.join(agent_dir, "venv", "bin", "python")
+    # The SSH launch's command; no working directory, so Twisted can posix_spawn it.
     assert (process.executable, process.args, process.path) == (
-        python, [python, "-m", "hpc_agent"], agent_dir)
+        "/bin/sh", ["/bin/sh", "-c", agent_command(agent_dir)], None)
     assert json.loads(process.stdin) == {"token": TOKEN, "url": URL}
     assert process.stdin.endswith(b"\n") and process.stdin_closed
     assert process.env["LANG"] == "C.UTF-8"

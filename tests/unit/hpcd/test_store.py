@@ -32,6 +32,27 @@ def test_a_new_resume_token_revokes_the_older_ones(db):
     assert store.claim_token_thd(second, ["resume"]) is None  # single use
 
 
+def test_a_launch_gets_its_cluster_and_a_single_use_agent_token_in_one_call(db):
+    cluster = HpcCluster.objects.create(host_name="h", client_path="/x", username="u",
+                                        password="secret")
+    info, (token_id, secret) = store.prepare_launch_thd(cluster.pk, 60)
+    assert info == store.cluster_thd(cluster.pk)
+    assert HpcCluster.objects.get(pk=cluster.pk).status_detail == "launching the agent"
+    assert store.claim_token_thd(secret, ["agent"])["token_id"] == token_id
+    assert store.claim_token_thd(secret, ["agent"]) is None  # single use
+    assert store.prepare_launch_thd(cluster.pk + 1, 60) is None
+    assert WebsocketToken.objects.count() == 1
+
+
+def test_a_welcome_carries_the_installation_and_a_resume_token_revoking_older_ones(db):
+    cluster = HpcCluster.objects.create(host_name="localhost", client_path="/x")
+    _, older = store.issue_token_thd(cluster.pk, "resume", None)
+    installation, (token_id, secret) = store.welcome_thd(cluster.pk)
+    assert installation == store.installation_id_thd()
+    assert store.claim_token_thd(older, ["resume"]) is None
+    assert store.claim_token_thd(secret, ["resume"])["token_id"] == token_id
+
+
 def test_clusters_are_listed_without_their_credentials(db):
     HpcCluster.objects.create(host_name="h", client_path="/x", username="u",
                               password="secret")
