@@ -1,13 +1,16 @@
 """Many simulated agents in one process, for bench/reconnect_storm.py.
 
-    python bench/_swarm.py URL TOKENS_JSON
+    python bench/_swarm.py URL TOKENS_JSON [one-address]
 
 TOKENS_JSON maps cluster ids to resume tokens.  Each simulated agent
 connects with its token, says hello, keeps the resume token hpcd gives it
 in ``welcome``, and after a drop reconnects with it, backing off like the
 real agent (0.5 s, doubling, at most 8 s).  Prints ``welcomed N T`` each
 time all N are welcomed (T: seconds since the first of them was lost, or
-since start), and ``lost`` when the first one is lost.
+since start), and ``lost`` when the first one is lost.  Each connects from
+an address of its own in 127.0.0.0/8, as clusters do from their own hosts;
+with ``one-address`` all come from 127.0.0.1 (clusters behind one NAT), so
+hpcd's HPC_PREAUTH_MAX_PER_ADDRESS paces their handshakes.
 """
 
 import json
@@ -19,6 +22,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import reactor
 
 url, tokens = sys.argv[1], json.load(open(sys.argv[2]))
+one_address = sys.argv[3:] == ["one-address"]
 welcomed = set()
 state = {"since": time.monotonic()}
 
@@ -51,15 +55,17 @@ class Sim(WebSocketClientProtocol):
 class SimFactory(WebSocketClientFactory):
     protocol = Sim
 
-    def __init__(self, cluster, token):
+    def __init__(self, cluster, token, number):
         super().__init__(f"{url}/agent")
         self.cluster, self.token, self.delay = cluster, token, 0.5
+        self.source = None if one_address else (
+            f"127.{number // 62500 % 250 + 1}.{number // 250 % 250}.{number % 250 + 1}", 0)
         self.setProtocolOptions(openHandshakeTimeout=15, autoPingInterval=0)
 
     def connect(self):
         self.headers = {"Authorization": f"Bearer {self.token}"}
         host, port = url.split("//")[1].split(":")
-        reactor.connectTCP(host, int(port), self, timeout=15)
+        reactor.connectTCP(host, int(port), self, timeout=15, bindAddress=self.source)
 
     def clientConnectionFailed(self, connector, reason):
         self.retry()
@@ -69,6 +75,6 @@ class SimFactory(WebSocketClientFactory):
         reactor.callLater(delay * random.uniform(0.8, 1.2), self.connect)
 
 
-for cluster, token in tokens.items():
-    SimFactory(cluster, token).connect()
+for number, (cluster, token) in enumerate(tokens.items()):
+    SimFactory(cluster, token, number).connect()
 reactor.run()

@@ -23,6 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--one-address", action="store_true",
+                        help="all agents connect from 127.0.0.1 (clusters behind one NAT), "
+                             "not from an address each")
     args = parser.parse_args()
     # Never launch real agents for the simulated clusters.
     os.environ["HPC_AGENT_RESUME_GRACE_SECONDS"] = "3600"
@@ -40,7 +43,8 @@ def main():
         daemon = Hpcd(tmp).start()
         url = f"ws://127.0.0.1:{websocket_port(daemon)}"
         swarm = subprocess.Popen([sys.executable, os.path.join(HERE, "_swarm.py"), url,
-                                  token_file], stdout=subprocess.PIPE, text=True)
+                                  token_file] + (["one-address"] if args.one_address else []),
+                                 stdout=subprocess.PIPE, text=True)
         try:
             first = swarm.stdout.readline().split()
             print(f"first_connect_{args.agents}: {float(first[2]):.2f} s")

@@ -99,6 +99,8 @@ class Dispatcher(service.Service):
         self._notified = set()
         self._pending = set()  # clusters told of a new PENDING job
         self._notify_call = None
+        self._scanning = None  # the scan_soon() scan running
+        self._scan_again = False  # scan_soon() was asked for while it ran
         self._again = set()  # notified while in flight: looked at once answered
         # A lookup that started before a job's request was answered may read
         # the job as it was before: each lookup has an epoch, and jobs
@@ -150,6 +152,24 @@ class Dispatcher(service.Service):
     def scan(self):
         """Act on every job that needs it."""
         return self._run(None)
+
+    def scan_soon(self):
+        """A scan now, or, while one runs, one more once it ends: what a
+        cluster coming online asks for, so that a thousand agents coming
+        back after an hpcd restart cost a few scans, not a thousand."""
+        if self._scanning is not None:
+            self._scan_again = True
+            return
+        self._scanning = self.scan()
+
+        def ended(_):
+            self._scanning = None
+            if self._scan_again:
+                self._scan_again = False
+                self.scan_soon()
+
+        self._scanning.addBoth(ended).addErrback(
+            lambda f: log.failure("dispatch scan failed", f))
 
     def _run(self, job_ids):
         self._epoch += 1

@@ -155,7 +155,7 @@ class Daemon(service.MultiService):
         self.dispatcher.setServiceParent(self)
         StuckJobs(reactor, self.store, self.clusters,
                   float(settings.HPC_STUCK_JOB_SECONDS)).setServiceParent(self)
-        self.clusters.on_online = lambda cluster_id: self.dispatcher.scan()
+        self.clusters.on_online = lambda cluster_id: self.dispatcher.scan_soon()
         self.transfers = Transfers(self)
         self._server_factory = server_factory
         self._control_factory = ControlFactory(self)

@@ -342,3 +342,20 @@ def test_a_full_claim_keeps_the_window_of_batches_in_flight(env):
     env.dispatcher.scan()
     env.session.answer()
     assert sizes(env.session) == [BATCH, BATCH]  # not held back behind the first
+
+
+def test_clusters_coming_online_during_a_scan_cost_one_more_scan_not_one_each(env):
+    scans = lambda: env.store.calls.count(("work", None))  # noqa: E731
+    env.store.add(1, 2)
+    env.store.hold = True
+    for _ in range(5):
+        env.dispatcher.scan_soon()
+    assert scans() == 1
+    env.store.fire()
+    assert scans() == 2
+    env.store.fire()
+    assert scans() == 2
+    env.store.hold = False
+    env.dispatcher.scan_soon()
+    assert scans() == 3
+    assert sizes(env.session) == [2]
