@@ -14,9 +14,11 @@ this client checks that the process at the other end (``SO_PEERCRED``) runs
 as the owner of that directory, as root, or as this process's own user.
 """
 
+import fcntl
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import socket
 import stat
@@ -303,6 +305,62 @@ def _closed_by_peer(sock):
         return False
     except OSError:
         return True
+
+
+# -- hpcd's sessions stamp (hpcd.stamp) -------------------------------------------
+
+_STAMP = struct.Struct("!Q")
+_stamp_lock = threading.Lock()
+_stamp_file = {}  # "path", "fd", "map": the stamp file this process has open
+
+
+def sessions_stamp():
+    """hpcd's sessions stamp, or None: no hpcd runs (or one without a stamp).
+
+    While it reads the same, answers hpcd gave about its live sessions still
+    hold (see :mod:`hpcd.stamp`).  Costs a ``flock`` probe and an 8-byte read:
+    the file is mapped once per process and reopened when hpcd restarted.
+    """
+    path = socket_path() + ".stamp"
+    with _stamp_lock:
+        for attempt in (1, 2):
+            if _stamp_file.get("path") != path:
+                if not _open_stamp(path):
+                    return None
+            try:
+                fcntl.flock(_stamp_file["fd"], fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _STAMP.unpack_from(_stamp_file["map"])[0]  # hpcd holds it: alive
+            except OSError:
+                pass
+            else:
+                fcntl.flock(_stamp_file["fd"], fcntl.LOCK_UN)
+            # No one holds it: the hpcd that wrote it is gone.  A new one
+            # may have put its own in place: look once more.
+            _close_stamp()
+        return None
+
+
+def _open_stamp(path):
+    _close_stamp()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        mapped = mmap.mmap(fd, _STAMP.size, prot=mmap.PROT_READ)
+    except (OSError, ValueError):  # too short: not a stamp
+        os.close(fd)
+        return False
+    _stamp_file.update(path=path, fd=fd, map=mapped)
+    return True
+
+
+def _close_stamp():
+    if "fd" in _stamp_file:
+        _stamp_file["map"].close()
+        os.close(_stamp_file["fd"])
+    _stamp_file.clear()
 
 
 def open_stream(command, /, **arguments):

@@ -93,6 +93,11 @@ def _notify_hpcd(job_id, status=None, cluster_id=None):
         log.info("%s will be dispatched when hpcd next scans: %s", what, e)
 
 
+#: cluster id -> (hpcd's sessions stamp, its IsClusterOnline answer), in this
+#: process; an answer is used while the stamp reads the same (is_connected()).
+_online_answers = {}
+
+
 class HpcClusterQuerySet(models.QuerySet):
     def online(self):
         """Clusters whose agent hpcd last saw connected."""
@@ -154,15 +159,25 @@ class HpcCluster(models.Model):
     def is_connected(self):
         """The WebsocketToken of the live agent connection, or None.
 
-        Cheap: one round trip to hpcd over its Unix socket and no database
-        query (hpcd answers the token's fields from memory; only its
-        ``token_hash`` is left to load on access).  None too when hpcd itself
-        is not running, since then nothing is connected.
+        Cheap: no database query (hpcd answers the token's fields from
+        memory; only its ``token_hash`` is left to load on access), and a
+        round trip to hpcd only when a session came or went since this
+        process last asked about the cluster (hpcd's sessions stamp,
+        :mod:`hpcd.stamp`).  None too when hpcd itself is not running, since
+        then nothing is connected.
         """
-        try:
-            answer = ipc.call(protocol.IsClusterOnline, cluster_id=self.pk)
-        except ipc.HpcdUnavailable:
-            return None
+        stamp = ipc.sessions_stamp()
+        kept = _online_answers.get(self.pk) if stamp is not None else None
+        if kept is not None and kept[0] == stamp:
+            answer = kept[1]
+        else:
+            try:
+                answer = ipc.call(protocol.IsClusterOnline, cluster_id=self.pk)
+            except ipc.HpcdUnavailable:
+                return None
+            if stamp is not None:
+                # The stamp read before asking: a change meanwhile moved it on.
+                _online_answers[self.pk] = (stamp, answer)
         if not answer["token_id"]:
             return None
         if answer.get("token_purpose") is None:

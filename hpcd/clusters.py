@@ -234,6 +234,9 @@ class ClusterManager(service.Service):
         self.infos = {}
         self.changed = {}  # cluster id -> when it last went online or offline (hpc_status)
         self.on_online = lambda cluster_id: None
+        # Called in the turn a cluster's live session comes or goes, before
+        # hpcd answers anything else (hpcd.stamp: Django's kept answers).
+        self.on_sessions_changed = lambda: None
         self._refresher = None
         self._purger = None
 
@@ -373,17 +376,21 @@ class ClusterManager(service.Service):
         old = self.sessions.get(session.cluster_id)
         if old is None or old is session:
             self.sessions[session.cluster_id] = session
+            self.on_sessions_changed()
             return defer.succeed(None)
         old.close(CLOSE_SUPERSEDED, "a newer agent connected for this cluster")
         d = old.gone()
 
         def take_over(_):
             self.sessions[session.cluster_id] = session
+            self.on_sessions_changed()
 
         return d.addCallback(take_over)
 
     @defer.inlineCallbacks
     def agent_ready(self, session):
+        # Ready from now on (AgentSession.ready was just set), in this turn.
+        self.on_sessions_changed()
         if session.cluster_id not in self.links:
             yield self.refresh()  # a cluster added since the last refresh
         link = self.links.get(session.cluster_id)
@@ -403,6 +410,7 @@ class ClusterManager(service.Service):
         if self.sessions.get(session.cluster_id) is not session:
             return
         del self.sessions[session.cluster_id]
+        self.on_sessions_changed()
         self.changed[session.cluster_id] = self._reactor.seconds()
         link = self.links.get(session.cluster_id)
         if link is not None:

@@ -22,6 +22,7 @@ from twisted.python import failure, usage
 from djangoapp.ipc import socket_path
 from hpcd import control_socket, logs
 from hpcd.control_socket import StartupError
+from hpcd.stamp import SessionsStamp
 
 log = Logger()
 
@@ -164,6 +165,7 @@ class Daemon(service.MultiService):
         self._control_factory.noisy = False
         self._ports = []
         self._socket_lock = None
+        self.stamp = None  # hpcd.stamp.SessionsStamp, once bound
         self.started_at = None
         self.event_stats = EventStats()
         self.log_observer = self.log_limiter = None
@@ -247,6 +249,16 @@ class Daemon(service.MultiService):
             os.umask(old_umask)
         self._ports.append(unix_port)
         control_socket.finish(path, int(s.HPC_IPC_SOCKET_MODE), group)
+        # Beside the socket, with its mode: lets Django keep IsClusterOnline
+        # answers until a session comes or goes (hpcd.stamp).
+        stamp = SessionsStamp(path)
+        try:
+            stamp.open(int(s.HPC_IPC_SOCKET_MODE),
+                       control_socket.group_id(group) if group else -1)
+        except OSError as e:
+            raise StartupError(f"cannot write {stamp.path} ({e.strerror or e})") from None
+        self.stamp = stamp
+        self.clusters.on_sessions_changed = stamp.bump
         log.info("hpcd listening: agents at {url}, Django at {path}", url=self.public_url,
                  path=path)
 
@@ -275,6 +287,9 @@ class Daemon(service.MultiService):
         for port in self._ports:
             yield port.stopListening()
         self._ports = []
+        if self.stamp is not None:
+            self.stamp.close()
+            self.stamp = None
         if self._socket_lock is not None:
             self._socket_lock.unlock()
             self._socket_lock = None

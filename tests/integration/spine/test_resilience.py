@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from djangoapp.models import HpcCluster, HpcJob, JobStatus
-from harness import (FINAL, Hpcd, agent_pid, job_dir, listening_socket, wait_for,
+from harness import (FINAL, Hpcd, agent_pid, job_dir, kill_agent, listening_socket, wait_for,
                      wait_status)
 
 
@@ -40,6 +40,24 @@ def test_submit_while_hpcd_is_down_waits_and_runs_once(restartable, agent_dir):
     assert job.status == JobStatus.COMPLETED
     with open(os.path.join(job_dir(cluster, job), "runs.txt")) as f:
         assert f.read() == "run\n"
+
+
+def test_is_connected_learns_at_once_that_hpcd_was_killed(restartable, agent_dir):
+    """Django keeps hpcd's answer while the sessions stamp reads the same; a
+    killed hpcd leaves its stamp file behind, but not its lock."""
+    restartable.start()
+    cluster = connected_cluster(agent_dir)
+    assert cluster.is_connected() and cluster.is_connected()  # the second one kept
+    assert os.path.exists(restartable.socket_path + ".stamp")
+    restartable.stop(signal.SIGKILL)
+    assert os.path.exists(restartable.socket_path + ".stamp")
+    assert cluster.is_connected() is None
+    restartable.start()
+    wait_for(cluster.is_connected, timeout=20, what="the agent back with the new hpcd")
+    kill_agent(cluster.client_path)
+    wait_for(lambda: cluster.is_connected() is None, timeout=10, what="hpcd to notice")
+    restartable.stop()
+    assert not os.path.exists(restartable.socket_path + ".stamp")
 
 
 def test_an_hpcd_restart_needs_no_relaunch_and_loses_no_state(restartable, agent_dir):

@@ -270,6 +270,36 @@ def test_is_connected_builds_the_token_from_hpcds_answer_without_a_query(
     assert token.token_hash == row.token_hash  # the one field left to load
 
 
+def test_is_connected_asks_hpcd_again_only_once_its_sessions_stamp_moved(
+        db, monkeypatch, settings, tmp_path, django_assert_num_queries):
+    from djangoapp import models
+    from hpcd.stamp import SessionsStamp
+
+    settings.HPC_IPC_UNIX_SOCKET = str(tmp_path / "hpcd.sock")
+    monkeypatch.setattr(models, "_online_answers", {})
+    cluster = HpcCluster.objects.create(host_name="h", client_path="/a")
+    row, _ = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
+    asked = []
+    monkeypatch.setattr(ipc, "call", lambda command, **kw: asked.append(command) or {
+        "token_id": row.pk, "token_purpose": "agent", "token_created": row.created})
+    stamp = SessionsStamp(settings.HPC_IPC_UNIX_SOCKET)
+    stamp.open()
+    try:
+        with django_assert_num_queries(0):
+            assert [cluster.is_connected().pk for _ in range(3)] == [row.pk] * 3
+        assert len(asked) == 1
+        stamp.bump()  # a session came or went
+        monkeypatch.setattr(ipc, "call", lambda command, **kw: asked.append(command) or {
+            "token_id": 0})
+        assert cluster.is_connected() is None and cluster.is_connected() is None
+        assert len(asked) == 2
+    finally:
+        stamp.close()
+        ipc._close_stamp()
+    assert cluster.is_connected() is None  # no stamp: hpcd is asked each time
+    assert len(asked) == 3
+
+
 def test_is_connected_with_an_older_hpcds_answer_loads_the_token(db, monkeypatch):
     cluster = HpcCluster.objects.create(host_name="h", client_path="/a")
     row, _ = WebsocketToken.objects.issue(cluster.pk, "agent", 60)
