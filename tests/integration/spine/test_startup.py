@@ -72,9 +72,14 @@ def test_the_socket_gets_the_configured_mode_and_group(transactional_db, short_t
         info = os.stat(daemon.socket_path)
         assert stat.S_IMODE(info.st_mode) == 0o660
         assert info.st_gid == grp.getgrnam(group).gr_gid
+        # The sessions stamp: the same group, read access only.
+        info = os.stat(daemon.socket_path + ".stamp")
+        assert stat.S_IMODE(info.st_mode) == 0o640
+        assert info.st_gid == grp.getgrnam(group).gr_gid
     finally:
         daemon.stop()
     assert not os.path.exists(daemon.socket_path + ".lock")
+    assert not os.path.exists(daemon.socket_path + ".stamp")
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a listener as another user")
