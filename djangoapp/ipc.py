@@ -215,31 +215,27 @@ def call(command, /, timeout=None, **arguments):
     timeout = timeout or _timeout(command)
     for attempt in (1, 2):
         if connection is None:
-            connection = _Connection(path, _timeout())
-            _local.connection, _local.path = connection, path
+            connection = _new_connection(path, _timeout())
         try:
             connection.sock.settimeout(timeout)
             return _ask(connection, command, arguments)
         except HpcdUnavailable:
-            connection.close()
-            _local.connection = None
+            _drop(connection)
             raise
         except HpcdError:
             raise
         except (BrokenPipeError, ConnectionResetError) as e:
-            connection.close()
-            _local.connection = connection = None
+            _drop(connection)
+            connection = None
             # Sending into a connection hpcd closed before (it restarted)
             # fails before anything was acted on: try once more, fresh.
             if attempt == 2:
                 raise HpcdUnavailable(f"hpcd closed the connection: {e}") from None
         except socket.timeout:
-            connection.close()
-            _local.connection = None
+            _drop(connection)
             raise HpcdUnavailable(f"hpcd did not answer within {timeout:g} s") from None
         except OSError as e:
-            connection.close()
-            _local.connection = None
+            _drop(connection)
             raise HpcdUnavailable(f"talking to hpcd failed: {e}") from None
 
 
@@ -252,25 +248,22 @@ def tell(command, /, timeout=None, **arguments):
     connection that hpcd closed (it restarted) is noticed before writing and
     replaced, so the command is not written into a dead socket.
     """
+    timeout = timeout or _timeout()
     path = socket_path()
     connection = _thread_connection(path)
     if connection is not None and _closed_by_peer(connection.sock):
-        connection.close()
-        _local.connection = connection = None
+        _drop(connection)
+        connection = None
     box = command.makeArguments(arguments, None)
     box[b"_command"] = command.commandName
+    if connection is None:
+        connection = _new_connection(path, timeout)
     try:
-        if connection is None:
-            connection = _Connection(path, timeout or _timeout())
-            _local.connection, _local.path = connection, path
-        connection.sock.settimeout(timeout or _timeout())
+        connection.sock.settimeout(timeout)
         connection.send_box(box)
-    except HpcdUnavailable:
-        raise
     except socket.timeout:
         _drop(connection)
-        raise HpcdUnavailable(f"hpcd accepted nothing within {timeout or _timeout():g} s") \
-            from None
+        raise HpcdUnavailable(f"hpcd accepted nothing within {timeout:g} s") from None
     except OSError as e:
         _drop(connection)
         raise HpcdUnavailable(f"talking to hpcd failed: {e}") from None
@@ -288,9 +281,16 @@ def _thread_connection(path):
     return connection
 
 
+def _new_connection(path, timeout):
+    """A new connection to ``path``, cached as this thread's."""
+    connection = _Connection(path, timeout)
+    _local.connection, _local.path = connection, path
+    return connection
+
+
 def _drop(connection):
-    if connection is not None:
-        connection.close()
+    """Close ``connection`` and forget it as this thread's."""
+    connection.close()
     _local.connection = None
 
 
@@ -309,9 +309,15 @@ def _closed_by_peer(sock):
 
 # -- hpcd's sessions stamp (hpcd.stamp) -------------------------------------------
 
-_STAMP = struct.Struct("!Q")
+#: The stamp's layout: one unsigned 64-bit number, big-endian (hpcd.stamp writes it).
+STAMP_FORMAT = struct.Struct("!Q")
 _stamp_lock = threading.Lock()
 _stamp_file = {}  # "path", "fd", "map": the stamp file this process has open
+
+
+def stamp_path(socket):
+    """Where hpcd keeps its sessions stamp: beside its socket."""
+    return socket + ".stamp"
 
 
 def sessions_stamp():
@@ -321,7 +327,7 @@ def sessions_stamp():
     hold (see :mod:`hpcd.stamp`).  Costs a ``flock`` probe and an 8-byte read:
     the file is mapped once per process and reopened when hpcd restarted.
     """
-    path = socket_path() + ".stamp"
+    path = stamp_path(socket_path())
     with _stamp_lock:
         for attempt in (1, 2):
             if _stamp_file.get("path") != path:
@@ -330,7 +336,7 @@ def sessions_stamp():
             try:
                 fcntl.flock(_stamp_file["fd"], fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return _STAMP.unpack_from(_stamp_file["map"])[0]  # hpcd holds it: alive
+                return STAMP_FORMAT.unpack_from(_stamp_file["map"])[0]  # hpcd holds it: alive
             except OSError:
                 pass
             else:
@@ -348,7 +354,7 @@ def _open_stamp(path):
     except OSError:
         return False
     try:
-        mapped = mmap.mmap(fd, _STAMP.size, prot=mmap.PROT_READ)
+        mapped = mmap.mmap(fd, STAMP_FORMAT.size, prot=mmap.PROT_READ)
     except (OSError, ValueError):  # too short: not a stamp
         os.close(fd)
         return False

@@ -63,23 +63,18 @@ def _bad_request(message):
     return amp.RemoteAmpError(commands.BAD_REQUEST, message)
 
 
-def _argument_problem(command, box, proto):
-    """Why ``box`` is not a readable ``command``, or None."""
+def _read_arguments(command, box, proto):
+    """``(arguments, None)``, or ``(None, why)`` when ``box`` is not a
+    readable ``command``."""
     try:
         arguments = command.parseArguments(box, proto)
     except Exception as e:  # AMP's parsers raise anything (KeyError, ValueError, ...)
-        return f"{type(e).__name__}: {e}"[:300]
-    name = _out_of_range(arguments)
-    return f"{name} is out of range" if name else None
-
-
-def _out_of_range(arguments):
-    """The name of an integer argument beyond _INT_LIMIT, or None."""
+        return None, f"{type(e).__name__}: {e}"[:300]
     for name, value in arguments.items():
         if (isinstance(value, int) and not isinstance(value, bool)
                 and not -_INT_LIMIT < value < _INT_LIMIT):
-            return name
-    return None
+            return None, f"{name} is out of range"
+    return arguments, None
 
 
 #: Commands whose responders answer from memory, never fail and return no
@@ -107,7 +102,7 @@ class ControlProtocol(amp.AMP):
             return responder
 
         def checked(box):
-            problem = _argument_problem(command, box, self)
+            _, problem = _read_arguments(command, box, self)
             if problem is None:
                 return responder(box)
             log.warn("refused a {command} request with unreadable arguments: {problem}",
@@ -127,8 +122,7 @@ class ControlProtocol(amp.AMP):
                      "question: {keys}", keys=sorted(k[:32] for k in box)[:8])
             self.transport.loseConnection()
             return
-        if command is None or box[amp.COMMAND] not in _AT_ONCE or not self._answer_at_once(
-                command, box):
+        if box[amp.COMMAND] not in _AT_ONCE or not self._answer_at_once(command, box):
             super().ampBoxReceived(box)
 
     def _answer_at_once(self, command, box):
@@ -137,11 +131,8 @@ class ControlProtocol(amp.AMP):
         and second parse of AMP's dispatch (most of hpcd's time per
         is_connected() call).  False leaves it to AMP's dispatch: arguments
         it cannot read get BAD_REQUEST there, a failure its error box."""
-        try:
-            arguments = command.parseArguments(box, self)
-        except Exception:
-            return False
-        if _out_of_range(arguments):
+        arguments, problem = _read_arguments(command, box, self)
+        if problem is not None:
             return False
         try:
             answer = command.makeResponse(

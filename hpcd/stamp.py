@@ -21,21 +21,17 @@ import fcntl
 import mmap
 import os
 import random
-import struct
 
-#: The stamp's layout: one unsigned 64-bit number, big-endian.
-FORMAT = struct.Struct("!Q")
-
-
-def path_for(socket_path):
-    return socket_path + ".stamp"
+# Django reads what hpcd writes: one layout and one place, defined there.
+from djangoapp.ipc import STAMP_FORMAT as FORMAT
+from djangoapp.ipc import stamp_path
 
 
 class SessionsStamp:
     """hpcd's side: creates, locks and moves the stamp."""
 
     def __init__(self, socket_path):
-        self.path = path_for(socket_path)
+        self.path = stamp_path(socket_path)
         self.value = random.getrandbits(63)
         self._fd = None
         self._map = None

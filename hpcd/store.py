@@ -95,7 +95,7 @@ def prepare_launch_thd(cluster_id, ttl):
         if info is None:
             return None
         row, secret = WebsocketToken.objects.issue(cluster_id, "agent", ttl)
-        HpcCluster.objects.filter(pk=cluster_id).update(status_detail="launching the agent")
+        set_cluster_detail_thd(cluster_id, "launching the agent")
     return info, (row.pk, secret)
 
 
@@ -576,9 +576,6 @@ class Store(service.Service):
 
     def prepare_launch(self, cluster_id, ttl):
         return self.run(prepare_launch_thd, cluster_id, ttl)
-
-    def installation_id(self):
-        return self.run(installation_id_thd)
 
     def welcome(self, cluster_id):
         return self.run(welcome_thd, cluster_id)
