@@ -275,7 +275,10 @@ class Daemon(service.MultiService):
         # the metrics listener (whose /healthz asks the Unix socket).
         super().startService()
         ready = self.metrics.port_ready if self.metrics is not None else defer.succeed(None)
-        ready.addCallback(lambda _: notify_ready())
+        # Not before the reactor runs: twistd starts the services first, and
+        # until reactor.run() installs its handlers a SIGTERM (systemd stopping
+        # a unit it was just told is ready) kills hpcd without its clean stop.
+        ready.addCallback(lambda _: self.reactor.callWhenRunning(notify_ready))
         ready.addErrback(self._failed_to_start)
 
     def _failed_to_start(self, failure):
